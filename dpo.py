@@ -1,0 +1,160 @@
+"""The math of Direct Preference Optimization, as pure functions (tensors in, tensors out).
+
+Paper: Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is
+Secretly a Reward Model", arXiv 2305.18290. Equation numbers below are that paper's
+unless another paper is named.
+
+Two ideas live here:
+  1. log pi(y|x): the *sum* of next-token log-probabilities over the response tokens only
+     (prompt and padding masked out), computed in fp32.
+  2. The DPO loss on four such numbers per pair (policy/reference x chosen/rejected),
+     with its two published variants, conservative DPO and IPO.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LOSS_TYPES = ("sigmoid", "ipo")
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Masked sequence log-probabilities
+# ---------------------------------------------------------------------------------------
+
+class SequenceLogps(NamedTuple):
+    """Per-sequence log-probabilities of the response tokens."""
+    sum: Tensor    # (B,) log pi(y|x) = sum_t log pi(y_t | x, y_<t)   (what DPO uses)
+    mean: Tensor   # (B,) sum / count                                  (what IPO uses)
+    count: Tensor  # (B,) number of response tokens scored
+
+
+def next_token_targets(input_ids: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The one place where the one-position shift happens.
+
+    The logits at position t predict the token at position t+1, so position t is scored
+    against input_ids[t+1] and counts only when that *target* token is a response token.
+
+    input_ids, response_mask: (B, T)  ->  targets, target_mask: (B, T-1), aligned with
+    logits[:, :-1] (the last position predicts nothing we have).
+    """
+    if input_ids.shape != response_mask.shape:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and response_mask "
+                         f"{tuple(response_mask.shape)} must have the same shape")
+    return input_ids[:, 1:], response_mask[:, 1:].bool()
+
+
+def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
+    """log softmax(logits)[target] for each row, computed in fp32 (PITFALLS 7).
+
+    logits: (..., V), targets: (...) -> (...). Gathering the target's logit and subtracting
+    logsumexp never materialises the full (..., V) log-softmax a second time.
+    """
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def reduce_logps(per_token_logps: Tensor, target_mask: Tensor) -> SequenceLogps:
+    """Masked sum, mean and count over the time axis: (B, T) -> three (B,) tensors."""
+    per_token_logps = per_token_logps.masked_fill(~target_mask, 0.0)  # masked positions may hold anything
+    total = per_token_logps.sum(-1)
+    count = target_mask.sum(-1)
+    return SequenceLogps(total, total / count.clamp(min=1), count)
+
+
+def sequence_logps(logits: Tensor, input_ids: Tensor, response_mask: Tensor) -> SequenceLogps:
+    """log pi(y|x) for each sequence of a batch, from full logits.
+
+    logits: (B, T, V); input_ids, response_mask: (B, T), response_mask True on response
+    tokens only (never prompt, never padding). Returns sum, mean and count, each (B,).
+    """
+    if logits.shape[:2] != input_ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match input_ids {tuple(input_ids.shape)}")
+    targets, target_mask = next_token_targets(input_ids, response_mask)
+    return reduce_logps(token_logps(logits[:, :-1], targets), target_mask)  # logits[:, :-1]: (B, T-1, V)
+
+
+def labels_to_mask(labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """The other common convention: labels equal ids on response tokens, ignore_index elsewhere.
+
+    Returns (input_ids-like targets with ignored positions set to 0, response_mask).
+    """
+    response_mask = labels != ignore_index
+    return labels.masked_fill(~response_mask, 0), response_mask
+
+
+# ---------------------------------------------------------------------------------------
+# 2. The preference losses
+# ---------------------------------------------------------------------------------------
+
+class PreferenceLoss(NamedTuple):
+    """Per-pair losses and the implicit rewards that explain them. All (B,)."""
+    losses: Tensor            # minimise losses.mean()
+    chosen_rewards: Tensor    # r(x, y_w) = beta * log pi(y_w|x) / ref(y_w|x)   (Eq. 5, detached)
+    rejected_rewards: Tensor  # r(x, y_l) = beta * log pi(y_l|x) / ref(y_l|x)
+
+    @property
+    def margins(self) -> Tensor:
+        """r(x, y_w) - r(x, y_l): how far the policy prefers the chosen answer."""
+        return self.chosen_rewards - self.rejected_rewards
+
+    @property
+    def accuracies(self) -> Tensor:
+        """1.0 where the implicit reward ranks the pair like the human did."""
+        return (self.chosen_rewards > self.rejected_rewards).float()
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+) -> PreferenceLoss:
+    """The DPO loss (Eq. 7) and its variants, per pair.
+
+    With h = log pi(y_w|x)/ref(y_w|x) - log pi(y_l|x)/ref(y_l|x):
+
+    sigmoid, label_smoothing = 0 (DPO, Rafailov et al. 2023, Eq. 7):
+        L_DPO = -log sigmoid(beta * h)
+    sigmoid, label_smoothing = eps (conservative DPO, Mitchell 2023, "A note on DPO with
+    noisy preferences": the human label is flipped with probability eps):
+        L_cDPO = -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
+    ipo (Azar et al. 2023, arXiv 2310.12036, Eq. 17, with beta in the role of tau; pass
+    *mean* per-token log-probs, as IPO regresses a length-free log-ratio):
+        L_IPO = (h - 1 / (2 * beta))^2
+
+    log sigmoid is F.logsigmoid, which stays finite for any |h|. The gradient of L_DPO
+    (Section 5.1) weights each pair by sigmoid(-beta * h): pairs the policy already ranks
+    right count less.
+    """
+    logps = (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "ipo" and label_smoothing:
+        raise ValueError("label_smoothing applies to the sigmoid loss only, not to ipo")
+    if len({tuple(t.shape) for t in logps}) != 1:
+        raise ValueError(f"the four log-prob tensors must share one shape, got {[tuple(t.shape) for t in logps]}")
+
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps        # log pi(y_w|x)/ref(y_w|x)
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps  # log pi(y_l|x)/ref(y_l|x)
+    h = chosen_logratios - rejected_logratios
+
+    if loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2                                          # Azar et al., Eq. 17
+    else:
+        losses = (-(1.0 - label_smoothing) * F.logsigmoid(beta * h)                      # Eq. 7
+                  - label_smoothing * F.logsigmoid(-beta * h))                           # cDPO term
+
+    chosen_rewards = beta * chosen_logratios.detach()      # Eq. 5 without the beta*log Z(x) term,
+    rejected_rewards = beta * rejected_logratios.detach()  # which cancels in every comparison
+    return PreferenceLoss(losses, chosen_rewards, rejected_rewards)

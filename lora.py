@@ -1,0 +1,192 @@
+"""LoRA, written by hand (no peft).
+
+Paper: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models",
+arXiv 2106.09685. A frozen weight W0 (out x in) gets a trainable low-rank update:
+
+    h = W0 x + (alpha / r) * B A x        (Eq. 3, with the alpha/r scaling of Section 4.1)
+
+A (r x in) starts random, B (out x r) starts at zero, so the adapted model starts out
+*exactly* equal to the base model. Switching the adapters off gives back the base model,
+which is what DPO's reference model is: one network in memory, not two.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+# Which layers to adapt, by the last part of their module name.
+DEFAULT_TARGETS = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),  # attention qkv, attention/MLP output, MLP input
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    """GPT-2's Conv1D names, or the Llama/Gemma/Mistral projection names."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for targets in DEFAULT_TARGETS.values():
+        if names.issuperset(targets):
+            return targets
+    raise ValueError("no default LoRA targets for this architecture: pass the module names to adapt")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    r: int = 8                 # rank of the update B A
+    alpha: float = 16.0        # scale: the update is multiplied by alpha / r
+    dropout: float = 0.0       # dropout on the adapter's input only (the base model's is off for DPO)
+    targets: tuple[str, ...] = ()  # module names to adapt; () means the architecture's defaults
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+
+class LoRALayer(nn.Module):
+    """Wraps one nn.Linear or transformers Conv1D with a low-rank update.
+
+    nn.Linear stores W as (out, in) and computes x W^T; GPT-2's Conv1D stores it
+    transposed, (in, out), and computes x W. A and B are the same for both: only merge()
+    needs to know the layout.
+    """
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float):
+        super().__init__()
+        if isinstance(base, nn.Linear):
+            in_features, out_features = base.in_features, base.out_features
+        elif isinstance(base, Conv1D):
+            in_features, out_features = base.weight.shape  # Conv1D weight: (in, out)
+        else:
+            raise TypeError(f"LoRA wraps nn.Linear or Conv1D, not {type(base).__name__}")
+        self.base = base
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        # A, B in fp32 whatever the base dtype: the optimizer's small updates need it.
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=base.weight.device))   # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=base.weight.device))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises, and loralib
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True
+        self.merged = False
+        self.train(base.training)  # a new module starts in train mode: follow the model's mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)  # W0 x: (..., out)
+        if self.enabled and not self.merged:
+            x_in = self.dropout(x).to(self.lora_A.dtype)
+            update = (x_in @ self.lora_A.T) @ self.lora_B.T  # (..., r) -> (..., out): B A x
+            y = y + (self.scaling * update).to(y.dtype)
+        return y
+
+    def delta_weight(self) -> Tensor:
+        """(alpha / r) * B A in the base weight's own layout and dtype."""
+        delta = self.scaling * (self.lora_B @ self.lora_A)  # (out, in)
+        if isinstance(self.base, Conv1D):
+            delta = delta.T  # Conv1D keeps W as (in, out) (PITFALLS 12)
+        return delta.to(self.base.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W0 <- W0 + (alpha/r) B A: one matmul per layer at generation time instead of three."""
+        if not self.merged:
+            self.base.weight += self.delta_weight()
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight()
+            self.merged = False
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayer):
+            yield name, module
+
+
+def add_lora(model: nn.Module, config: LoRAConfig) -> tuple[int, int]:
+    """Freeze every weight of the model, then wrap each target module in a LoRALayer.
+
+    Returns (trainable, total) parameter counts. Each adapted layer adds r * (in + out)
+    trainable parameters.
+    """
+    targets = config.targets or default_targets(model)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if name.rsplit(".", 1)[-1] in targets and isinstance(module, (nn.Linear, Conv1D)):
+            parent_name, _, child_name = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child_name, LoRALayer(module, config.r, config.alpha, config.dropout))
+            replaced += 1
+    if replaced == 0:
+        raise ValueError(f"no nn.Linear/Conv1D module matches the LoRA targets {list(targets)}")
+    return count_parameters(model)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; tied weights counted once."""
+    parameters = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside this block the model IS the base model: DPO's reference, with no second copy."""
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("adapters are merged into the weights: unmerge before switching them off")
+    previous = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer, was_enabled in zip(layers, previous):
+            layer.enabled = was_enabled
+
+
+def merge_adapters(model: nn.Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Only the A and B tensors, keyed by their place in the model (a few MB, not the model)."""
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()
+            if name.endswith((".lora_A", ".lora_B"))}
+
+
+def load_adapter_state_dict(model: nn.Module, adapters: dict[str, Tensor]) -> None:
+    """Copy saved A and B into a model that add_lora() gave the same LoRA shape."""
+    own = {name: param for name, param in model.named_parameters() if name.endswith((".lora_A", ".lora_B"))}
+    if set(own) != set(adapters):
+        missing, unexpected = sorted(set(own) - set(adapters)), sorted(set(adapters) - set(own))
+        raise ValueError(f"adapters do not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, tensor in adapters.items():
+            if own[name].shape != tensor.shape:
+                raise ValueError(f"adapter {name} has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {tuple(own[name].shape)}")
+            own[name].copy_(tensor)
+
+
+def lora_config_dict(config: LoRAConfig) -> dict:
+    """Plain types only, so a checkpoint loads with torch.load(weights_only=True)."""
+    settings = asdict(config)
+    settings["targets"] = list(settings["targets"])
+    return settings

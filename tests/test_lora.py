@@ -1,0 +1,192 @@
+"""Properties of lora.py on real transformers architectures (tiny random GPT-2 and Llama)."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import lora
+from conftest import tiny_gpt2, tiny_llama
+
+MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+def inputs(seed=1, batch=2, length=10, vocab=64):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def randomise_B(model, seed=2):
+    """B starts at zero; give it values so the adapters actually change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_output_equals_base_model_at_init_exactly(arch):
+    base, adapted = MODELS[arch](), MODELS[arch]()
+    lora.add_lora(adapted, lora.LoRAConfig(r=4))
+    ids = inputs()
+    assert torch.equal(base(ids).logits, adapted(ids).logits)
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_adapters_off_is_the_base_model_exactly(arch):
+    base, adapted = MODELS[arch](), MODELS[arch]()
+    lora.add_lora(adapted, lora.LoRAConfig(r=4))
+    randomise_B(adapted)
+    ids = inputs()
+    with torch.no_grad():
+        assert not torch.allclose(base(ids).logits, adapted(ids).logits)
+        with lora.adapters_disabled(adapted):
+            assert torch.equal(base(ids).logits, adapted(ids).logits)
+        assert not torch.allclose(base(ids).logits, adapted(ids).logits)  # switched back on
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_merged_equals_unmerged_and_unmerge_restores_weights(arch):
+    model = MODELS[arch]()
+    lora.add_lora(model, lora.LoRAConfig(r=4, alpha=8))
+    randomise_B(model)
+    ids = inputs()
+    weights_before = {n: p.clone() for n, p in model.named_parameters() if "lora" not in n}
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        lora.merge_adapters(model)
+        merged = model(ids).logits
+        lora.unmerge_adapters(model)
+        again = model(ids).logits
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again, unmerged, rtol=1e-5, atol=1e-6)
+    for name, param in model.named_parameters():
+        if "lora" not in name:
+            torch.testing.assert_close(param, weights_before[name], rtol=0, atol=1e-6)
+
+
+def test_merged_adapters_cannot_be_switched_off():
+    model = tiny_gpt2()
+    lora.add_lora(model, lora.LoRAConfig(r=2))
+    lora.merge_adapters(model)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        with lora.adapters_disabled(model):
+            pass
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_only_A_and_B_require_grad(arch):
+    model = MODELS[arch]()
+    lora.add_lora(model, lora.LoRAConfig(r=4))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.sampled_from(list(MODELS)), st.integers(1, 8))
+def test_trainable_count_is_r_times_in_plus_out_per_layer(arch, r):
+    model = MODELS[arch]()
+    total_before = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    expected = 0
+    targets = lora.default_targets(model)
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets:
+            in_f, out_f = (module.weight.shape if isinstance(module, Conv1D) else module.weight.shape[::-1])
+            expected += r * (in_f + out_f)
+    trainable, total = lora.add_lora(model, lora.LoRAConfig(r=r))
+    assert trainable == expected
+    assert total == total_before + expected
+
+
+def test_gpt2_and_llama_default_targets():
+    assert lora.default_targets(tiny_gpt2()) == ("c_attn", "c_proj", "c_fc")
+    assert lora.default_targets(tiny_llama()) == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    with pytest.raises(ValueError, match="no default LoRA targets"):
+        lora.default_targets(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_unknown_targets_are_a_clear_error():
+    with pytest.raises(ValueError, match="no nn.Linear/Conv1D module matches"):
+        lora.add_lora(tiny_gpt2(), lora.LoRAConfig(targets=("q_proj",)))
+
+
+@pytest.mark.parametrize("kwargs", [dict(r=0), dict(dropout=1.0), dict(dropout=-0.1)])
+def test_bad_lora_config_is_rejected(kwargs):
+    with pytest.raises(ValueError):
+        lora.LoRAConfig(**kwargs)
+
+
+def test_conv1d_and_linear_wrappers_agree():
+    """The same W, stored in both layouts, gives the same adapted output and merge."""
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 5)
+    conv = Conv1D(5, 6)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.T)
+        conv.bias.copy_(linear.bias)
+    a, b = lora.LoRALayer(linear, 3, 6.0, 0.0), lora.LoRALayer(conv, 3, 6.0, 0.0)
+    with torch.no_grad():
+        b.lora_A.copy_(a.lora_A)
+        a.lora_B.normal_()
+        b.lora_B.copy_(a.lora_B)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(a(x), b(x))
+    a.merge(), b.merge()
+    torch.testing.assert_close(a.base.weight, b.base.weight.T)
+    torch.testing.assert_close(a(x), b(x))
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_save_and_load_round_trip_bit_exactly(arch, tmp_path):
+    model = MODELS[arch](seed=0)
+    config = lora.LoRAConfig(r=4, alpha=8, targets=lora.default_targets(model))
+    lora.add_lora(model, config)
+    randomise_B(model)
+    path = tmp_path / "adapters.pt"
+    torch.save({"lora": lora.lora_config_dict(config), "adapters": lora.adapter_state_dict(model)}, path)
+
+    saved = torch.load(path, weights_only=True)
+    fresh = MODELS[arch](seed=0)
+    lora.add_lora(fresh, lora.LoRAConfig(**{**saved["lora"], "targets": tuple(saved["lora"]["targets"])}))
+    lora.load_adapter_state_dict(fresh, saved["adapters"])
+    for name, tensor in lora.adapter_state_dict(model).items():
+        assert torch.equal(tensor, lora.adapter_state_dict(fresh)[name])
+    ids = inputs()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, fresh(ids).logits)
+
+
+def test_adapters_of_another_shape_are_refused():
+    model, other = tiny_gpt2(), tiny_gpt2()
+    lora.add_lora(model, lora.LoRAConfig(r=4))
+    lora.add_lora(other, lora.LoRAConfig(r=2))
+    with pytest.raises(ValueError, match="shape"):
+        lora.load_adapter_state_dict(model, lora.adapter_state_dict(other))
+    with pytest.raises(ValueError, match="do not fit"):
+        lora.load_adapter_state_dict(model, {"x.lora_A": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_a_training_step_changes_only_A_and_B(arch):
+    model = MODELS[arch]()
+    lora.add_lora(model, lora.LoRAConfig(r=4))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = inputs()
+    for _ in range(2):  # B is zero at the first step, so A's gradient is zero then; two steps move both
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, param in model.named_parameters():
+        changed = not torch.equal(param, before[name])
+        assert changed == name.endswith((".lora_A", ".lora_B")), name
+
+
+def test_lora_dropout_is_active_only_in_train_mode():
+    model = tiny_gpt2()
+    lora.add_lora(model, lora.LoRAConfig(r=4, dropout=0.5))
+    randomise_B(model)
+    ids = inputs()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)  # eval: deterministic
+        model.train()
+        assert not torch.equal(model(ids).logits, model(ids).logits)
