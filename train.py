@@ -274,6 +274,7 @@ def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32"):
     """A Hub id, a local model folder, or a local .gguf file (transformers dequantises it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    name = str(name)
     looks_local = name.endswith(".gguf") or os.path.sep in name or name.startswith(".")
     if looks_local and not os.path.exists(name):
         raise FileNotFoundError(f"model not found: {name}")
@@ -629,7 +630,8 @@ def field_help() -> dict[str, str]:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description="DPO-train LoRA adapters on Anthropic HH-RLHF preference pairs.",
+    parser = argparse.ArgumentParser(prog="train.py", usage="train.py [options] (--help lists them)",
+                                     description="DPO-train LoRA adapters on Anthropic HH-RLHF preference pairs.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = field_help()
     for f in dataclasses.fields(TrainConfig):
@@ -651,7 +653,10 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         train(config)
-    except (DataError, FileNotFoundError, ValueError) as error:
+    except FileNotFoundError as error:  # a model or checkpoint path that is not there: misuse
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # bad data (DataError) or an unusable checkpoint
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
     return 0

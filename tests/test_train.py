@@ -1,0 +1,291 @@
+"""train.py: data rules, tokenisation traps, schedule, the loop, checkpoints and resume."""
+import gzip
+import json
+import math
+import random
+
+import pytest
+import torch
+
+import dpo
+import lora
+import train
+from conftest import gpt2_tokenizer, tiny_gpt2
+
+H, A = "\n\nHuman:", "\n\nAssistant:"
+
+
+def record(prompt, chosen, rejected):
+    return {"chosen": prompt + chosen, "rejected": prompt + rejected}
+
+
+def write_jsonl(path, rows, gz=False):
+    lines = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    if gz:
+        with gzip.open(path, "wt") as f:
+            f.write(lines)
+    else:
+        path.write_text(lines)
+    return str(path)
+
+
+def tiny_config(data, model_dir, run_dir, **overrides):
+    settings = dict(data=data, model=model_dir, dtype="float32", val_size=4, max_length=48, max_prompt_length=24,
+                    batch_size=2, lr=5e-3, warmup_steps=2, eval_every=2, checkpoint_every=2,
+                    checkpoint_dir=str(run_dir), progress=False)
+    return train.TrainConfig(**{**settings, **overrides})
+
+
+def synthetic_rows(n, seed=0):
+    """Dialogues where the chosen answer is polite and the rejected one rude, in varied words."""
+    rng = random.Random(seed)
+    topics = ["the weather", "a recipe", "my homework", "a poem", "the news", "a trip", "my cat", "music"]
+    rows = []
+    for i in range(n):
+        prompt = f"{H} Can you help me with {rng.choice(topics)}?{A} Sure.{H} Thanks, number {i}.{A}"
+        rows.append(record(prompt, " You are welcome, happy to help.", " Go away, I will not help you."))
+    return rows
+
+
+# ----- splitting records --------------------------------------------------------------
+
+def test_prompt_ends_at_the_last_assistant_turn():
+    prompt = f"{H} hi{A} hello{H} how are you?{A}"
+    pair = train.split_prompt(prompt + " Fine, thanks.", prompt + " Fine. Go away.")
+    assert pair == train.Pair(prompt, " Fine, thanks.", " Fine. Go away.")
+    # not the longest common prefix, which would run into " Fine" (PITFALLS 1)
+    assert pair.prompt.endswith(A) and pair.chosen.startswith(" Fine")
+
+
+@pytest.mark.parametrize("chosen, rejected, reason", [
+    (f"{H} hi there", f"{H} hi there", "no Assistant turn"),
+    (f"{H} hi{A} a", f"{H} hello{A} b", "prompts differ"),
+    (f"{H} hi{A} a", f"{H} hi{A} b{H} more{A} c", "prompts differ"),
+    (f"{H} hi{A}", f"{H} hi{A} b", "empty response"),
+    (f"{H} hi{A} a", f"{H} hi{A}   ", "empty response"),
+    (f"{H} hi{A} same", f"{H} hi{A} same", "identical responses"),
+])
+def test_bad_pairs_are_dropped_with_a_reason(chosen, rejected, reason):
+    assert train.split_prompt(chosen, rejected) == reason
+
+
+def test_drops_are_counted_not_trained_on(tmp_path):
+    rows = synthetic_rows(5) + [record(f"{H} x{A}", " same", " same"), {"chosen": f"{H} a{A} b", "rejected": f"{H} c{A} d"}]
+    counts = {}
+    pairs = train.load_pairs(write_jsonl(tmp_path / "d.jsonl.gz", rows, gz=True), counts=counts)
+    assert len(pairs) == 5 and counts == {"identical responses": 1, "prompts differ": 1}
+
+
+@pytest.mark.parametrize("bad_line, reason", [
+    ("{not json", "malformed line"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"chosen": 3, "rejected": "x"}', "must be strings"),
+    ('{"chosen": "x"}', "must be strings"),
+])
+def test_a_malformed_line_stops_with_file_and_line(tmp_path, bad_line, reason):
+    path = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(2) + [bad_line] + synthetic_rows(1))
+    with pytest.raises(train.DataError, match=rf"d\.jsonl:3: .*{reason}"):
+        train.load_pairs(path)
+    counts = {}
+    assert len(train.load_pairs(path, skip_bad_lines=True, counts=counts)) == 3
+    assert counts == {"malformed line": 1}
+
+
+def test_missing_data_file_is_a_clear_error(tmp_path):
+    with pytest.raises(train.DataError, match="data file not found"):
+        train.load_pairs(str(tmp_path / "nope.jsonl"))
+
+
+def test_truncated_gzip_is_a_clear_error(tmp_path):
+    path = tmp_path / "d.jsonl.gz"
+    write_jsonl(path, synthetic_rows(200), gz=True)
+    path.write_bytes(path.read_bytes()[:-30])
+    with pytest.raises(train.DataError, match="cannot read"):
+        train.load_pairs(str(path))
+
+
+def test_single_file_gives_a_seeded_disjoint_validation_split(tmp_path):
+    config = train.TrainConfig(data=write_jsonl(tmp_path / "d.jsonl", synthetic_rows(30)), val_size=8, num_examples=10)
+    train_pairs, val_pairs = train.split_data(config)
+    assert len(val_pairs) == 8 and len(train_pairs) == 10
+    assert not set(train_pairs) & set(val_pairs)
+    assert train.split_data(config) == (train_pairs, val_pairs)
+    assert train.held_out_pairs(vars(config)) == val_pairs
+
+
+# ----- tokenisation ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return gpt2_tokenizer()
+
+
+def test_prompt_and_responses_are_tokenised_separately(tokenizer):
+    """' Hi' after 'Assistant:' must not merge with the prompt's last token (PITFALLS 1)."""
+    pair = train.Pair(f"{H} hello{A}", " Hi there", " No")
+    item = train.tokenize_pair(pair, tokenizer, 64, 32)
+    assert item.prompt_ids == tokenizer(pair.prompt).input_ids
+    assert item.chosen_ids == tokenizer(" Hi there").input_ids + [tokenizer.eos_token_id]
+    assert item.rejected_ids == tokenizer(" No").input_ids + [tokenizer.eos_token_id]
+
+
+def test_long_prompts_keep_their_last_tokens_and_responses_their_first(tokenizer):
+    prompt = H + " one two three four five six seven eight nine ten" + A
+    pair = train.Pair(prompt, " a b c d e f g h", " x")
+    prompt_ids = tokenizer(prompt).input_ids
+    item = train.tokenize_pair(pair, tokenizer, max_length=12, max_prompt_length=6)
+    assert item.prompt_ids == prompt_ids[-6:]
+    assert item.chosen_ids == tokenizer(" a b c d e f g h").input_ids[:6]   # cut: no EOS, it did not end there
+    assert item.rejected_ids == tokenizer(" x").input_ids + [tokenizer.eos_token_id]
+
+
+def test_eos_is_scored_even_when_pad_equals_eos(tokenizer):
+    """GPT-2 pads with EOS; the mask comes from lengths, so the response's EOS still counts (PITFALLS 2)."""
+    assert tokenizer.pad_token_id in (None, tokenizer.eos_token_id)
+    items = [train.tokenize_pair(train.Pair(f"{H} q{A}", " yes", " no no no no"), tokenizer, 32, 16)]
+    batch = train.collate(items, [0], pad_id=tokenizer.eos_token_id)
+    chosen_row = batch.input_ids[0]
+    eos_positions = (chosen_row == tokenizer.eos_token_id).nonzero().flatten()
+    first_eos = int(eos_positions[0])  # the chosen response's own EOS, padding follows it
+    assert batch.response_mask[0, first_eos] and not batch.response_mask[0, first_eos + 1:].any()
+    assert batch.attention_mask[0].sum() == first_eos + 1
+
+
+def test_collate_puts_chosen_first_and_masks_only_responses(tokenizer):
+    items = [train.tokenize_pair(train.Pair(f"{H} q{i}{A}", " yes" * (i + 1), " no"), tokenizer, 32, 16) for i in range(3)]
+    batch = train.collate(items, [0, 1, 2], pad_id=0)
+    assert batch.input_ids.shape[0] == 6
+    for row, item in enumerate(items):
+        for offset, response in ((0, item.chosen_ids), (3, item.rejected_ids)):
+            mask = batch.response_mask[row + offset]
+            assert batch.input_ids[row + offset][mask].tolist() == response
+            assert not mask[:len(item.prompt_ids)].any()
+
+
+# ----- schedule ---------------------------------------------------------------------------
+
+def test_learning_rate_schedule_values():
+    lr = lambda step, schedule="cosine": train.learning_rate(step, 1.0, 4, 14, schedule)
+    assert [lr(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr(4) == 1.0 and lr(9) == pytest.approx(0.5) and lr(14) == pytest.approx(0.0)
+    assert lr(6) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
+    assert all(lr(s, "constant") == 1.0 for s in range(4, 20))
+    assert all(lr(s) >= lr(s + 1) for s in range(4, 20))
+
+
+# ----- the model path -----------------------------------------------------------------------
+
+def test_logps_from_response_hidden_states_equal_full_logits(tokenizer):
+    """The fast path (output layer on response positions only) computes the same numbers."""
+    model = tiny_gpt2(vocab_size=50257)
+    items = [train.tokenize_pair(train.Pair(f"{H} q {i}{A}", " yes" * (i + 1), " no"), tokenizer, 32, 16) for i in range(3)]
+    batch = train.collate(items, [0, 1, 2], pad_id=tokenizer.eos_token_id)
+    with torch.no_grad():
+        fast = train.batch_logps(model, batch)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        full = dpo.sequence_logps(logits, batch.input_ids, batch.response_mask)
+    torch.testing.assert_close(fast.sum, full.sum, rtol=1e-5, atol=1e-4)
+    assert torch.equal(fast.count, full.count)
+
+
+def test_loaded_model_has_no_dropout_so_policy_equals_reference_at_step_zero(tiny_gpt2_dir, tokenizer):
+    """PITFALLS 3 and 5: in train mode, with dropout off, loss is log 2 and rewards 0 exactly."""
+    model, _ = train.load_model_and_tokenizer(tiny_gpt2_dir, "float32")
+    lora.add_lora(model, lora.LoRAConfig(r=4, dropout=0.0))
+    model.train()
+    items = [train.tokenize_pair(p, tokenizer, 48, 24) for p in train.records_to_pairs(
+        enumerate(synthetic_rows(4), 1), "x", False, {})]
+    batch = train.collate(items, list(range(4)), tokenizer.eos_token_id)
+    config = train.TrainConfig(beta=0.1)
+    result = train.compute_loss(model, batch, train.ReferenceCache(4), config)
+    assert torch.equal(result.losses, torch.full((4,), math.log(2)))
+    assert torch.equal(result.chosen_rewards, torch.zeros(4)) and torch.equal(result.accuracies, torch.full((4,), 0.5))
+
+
+def test_one_training_step_lowers_the_loss_on_a_fixed_batch(tiny_gpt2_dir, tokenizer):
+    model, _ = train.load_model_and_tokenizer(tiny_gpt2_dir, "float32")
+    lora.add_lora(model, lora.LoRAConfig(r=4))
+    items = [train.tokenize_pair(p, tokenizer, 48, 24) for p in train.records_to_pairs(
+        enumerate(synthetic_rows(4), 1), "x", False, {})]
+    batch = train.collate(items, list(range(4)), tokenizer.eos_token_id)
+    config, reference = train.TrainConfig(beta=0.1), train.ReferenceCache(4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(3):  # B = 0 at the first step, so the first update moves B only
+        loss = train.compute_loss(model, batch, reference, config).losses.mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    final = train.compute_loss(model, batch, reference, config).losses.mean().item()
+    assert losses[0] == pytest.approx(math.log(2)) and final < losses[0]
+
+
+def test_unknown_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model not found"):
+        train.load_model_and_tokenizer(str(tmp_path / "missing.gguf"))
+    with pytest.raises(FileNotFoundError, match="model not found"):
+        train.load_model_and_tokenizer("./no/such/folder")
+
+
+# ----- the whole loop: checkpoints, resume, early stopping ----------------------------------
+
+def test_training_learns_and_writes_loadable_checkpoints(tmp_path, tiny_gpt2_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(24))
+    result = train.train(tiny_config(data, tiny_gpt2_dir, tmp_path / "run", epochs=3))
+    assert result["val_metrics"]["loss"] < math.log(2) and result["val_metrics"]["reward_accuracy"] > 0.5
+    for name in ("best.pt", "last.pt", "metrics.jsonl", "curves.png"):
+        assert (tmp_path / "run" / name).exists()
+    best = train.load_checkpoint(str(tmp_path / "run" / "best.pt"))  # weights_only=True inside
+    assert best["base_model"] == tiny_gpt2_dir and best["lora"]["targets"] == ["c_attn", "c_proj", "c_fc"]
+    assert set(best) >= {"adapters", "config", "step", "val_metrics"} and "optimizer" not in best
+    model, _ = train.load_policy(best)
+    assert all(torch.equal(t, lora.adapter_state_dict(model)[k]) for k, t in best["adapters"].items())
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == {**rows[0], "step": 0, "split": "val", "loss": pytest.approx(math.log(2)), "reward_accuracy": 0.5}
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, tiny_gpt2_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(20))
+    settings = dict(epochs=2, lora_dropout=0.1, grad_accum=2)  # dropout: the RNG state must resume too
+    straight = train.train(tiny_config(data, tiny_gpt2_dir, tmp_path / "a", **settings))
+    train.train(tiny_config(data, tiny_gpt2_dir, tmp_path / "b", max_steps=3, **settings))
+    resumed = train.train(tiny_config(data, tiny_gpt2_dir, tmp_path / "b", resume=str(tmp_path / "b" / "last.pt"), **settings))
+    assert resumed["step"] == straight["step"] == 8
+    losses = lambda run: [(r["step"], r["split"], r["loss"]) for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]
+    # the stopped run also validated at its last step (3); every other row is identical
+    assert [row for row in losses("b") if row != (3, "val", row[2])] == losses("a")
+    a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True)["adapters"] for run in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_early_stopping_fires_when_validation_loss_stops_falling(tmp_path, tiny_gpt2_dir):
+    """Validation pairs state the opposite preference of the training pairs, so learning the
+    training pairs can only raise the validation loss."""
+    rows = synthetic_rows(24)
+    val_index = list(range(len(rows)))
+    random.Random(0).shuffle(val_index)  # the same seeded shuffle split_data uses
+    for i in val_index[:4]:
+        rows[i] = {"chosen": rows[i]["rejected"], "rejected": rows[i]["chosen"]}
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    result = train.train(tiny_config(data, tiny_gpt2_dir, tmp_path / "run", epochs=5, eval_every=1, early_stop_patience=2))
+    assert result["stopped_early"] and result["step"] == 2  # two validations in a row above the start
+    assert result["best_val_loss"] == pytest.approx(math.log(2))
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys, tiny_gpt2_dir):
+    assert train.main(["--data", str(tmp_path / "missing.jsonl"), "--model", tiny_gpt2_dir]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train.py: error: data file not found") and "Traceback" not in err and "\n" not in err
+    bad = write_jsonl(tmp_path / "bad.jsonl", synthetic_rows(3) + ["{oops"])
+    assert train.main(["--data", bad, "--model", tiny_gpt2_dir]) == 1
+    assert "bad.jsonl:4: malformed line" in capsys.readouterr().err
+    good = write_jsonl(tmp_path / "good.jsonl", synthetic_rows(8))
+    assert train.main(["--data", good, "--model", str(tmp_path / "no-model.gguf"), "--val-size", "2"]) == 2
+    assert "model not found" in capsys.readouterr().err
+    for argv in (["--beta", "-1"], ["--lr", "0"], ["--no-such-flag"]):
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_args(argv)
+        assert exit_info.value.code == 2
+        usage, error = capsys.readouterr().err.strip().splitlines()  # argparse: a short usage line + the error
+        assert usage.startswith("usage: train.py") and error.startswith("train.py: error:")
