@@ -123,7 +123,7 @@ def read_jsonl(path: str, skip_bad_lines: bool, counts: dict) -> Iterator[tuple[
                     record = json.loads(raw.decode("utf-8"))
                     if not isinstance(record, dict):
                         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-                except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+                except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError; absurd nesting
                     if not skip_bad_lines:
                         raise DataError(f"{path}:{line_no}: malformed line ({error})") from None
                     counts["malformed line"] = counts.get("malformed line", 0) + 1
@@ -139,8 +139,12 @@ def records_to_pairs(records: Iterable[tuple[int, dict]], source: str, skip_bad_
     pairs = []
     for line_no, record in records:
         chosen, rejected = record.get("chosen"), record.get("rejected")
+        reason = None
         if not isinstance(chosen, str) or not isinstance(rejected, str):
             reason = "'chosen' and 'rejected' must be strings"
+        elif not is_valid_text(chosen + rejected):
+            reason = "text is not valid Unicode (a lone surrogate escape)"
+        if reason is not None:
             if not skip_bad_lines:
                 raise DataError(f"{source}:{line_no}: malformed record ({reason})")
             counts["malformed line"] = counts.get("malformed line", 0) + 1
@@ -151,6 +155,15 @@ def records_to_pairs(records: Iterable[tuple[int, dict]], source: str, skip_bad_
         else:
             pairs.append(pair)
     return pairs
+
+
+def is_valid_text(text: str) -> bool:
+    """JSON may escape lone surrogates ("\\ud800") that no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def load_pairs(data: str | None, data_dir: str = "harmless-base", split: str = "train",
@@ -251,6 +264,10 @@ def collate(items: list[TokenizedPair], index: list[int], pad_id: int) -> Batch:
     return Batch(input_ids, attention_mask, response_mask, torch.tensor(index))
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return Batch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.response_mask.to(device), batch.index)
+
+
 def epoch_batches(items: list[TokenizedPair], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The batches of one epoch as lists of pair indices: a seeded shuffle, then pairs of similar
     length grouped into a batch (less padding), then the batches shuffled. A function of
@@ -315,6 +332,18 @@ def batch_logps(model: nn.Module, batch: Batch) -> dpo.SequenceLogps:
     return dpo.sequence_logps_from_hidden(hidden, output_layer(model), batch.input_ids, batch.response_mask)
 
 
+class Scorer(nn.Module):
+    """batch_logps as a module: the unit DistributedDataParallel wraps, so that backward
+    averages the adapters' gradients across processes."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(batch_logps(self.model, Batch(input_ids, attention_mask, response_mask, torch.empty(0))))
+
+
 def loss_logps(logps: dpo.SequenceLogps, loss_type: str) -> Tensor:
     """DPO compares sums over the response; IPO compares per-token means (PITFALLS 6)."""
     return logps.mean if loss_type == "ipo" else logps.sum
@@ -338,15 +367,21 @@ class ReferenceCache:
             # batch, stored only where missing.
             with lora.adapters_disabled(model):
                 logps = loss_logps(batch_logps(model, batch), loss_type)   # (2B,)
-            computed = torch.stack(logps.float().chunk(2), dim=-1)         # (B, 2)
+            computed = torch.stack(logps.float().chunk(2), dim=-1).cpu()   # (B, 2)
             self.values[batch.index[missing]] = computed[missing]
-        chosen, rejected = self.values[batch.index].unbind(-1)
+        chosen, rejected = self.values[batch.index].to(batch.input_ids.device).unbind(-1)
         return chosen, rejected
 
 
-def compute_loss(model: nn.Module, batch: Batch, reference: ReferenceCache, config: TrainConfig) -> dpo.PreferenceLoss:
+def compute_loss(model: nn.Module, batch: Batch, reference: ReferenceCache, config: TrainConfig,
+                 scorer: nn.Module | None = None) -> dpo.PreferenceLoss:
+    """The DPO loss of a batch. scorer: the DDP-wrapped Scorer under torchrun; None = the model itself."""
     reference_chosen_logps, reference_rejected_logps = reference.get(model, batch, config.loss_type)
-    policy_logps = loss_logps(batch_logps(model, batch), config.loss_type)
+    if scorer is None:
+        policy_logps = batch_logps(model, batch)
+    else:
+        policy_logps = dpo.SequenceLogps(*scorer(batch.input_ids, batch.attention_mask, batch.response_mask))
+    policy_logps = loss_logps(policy_logps, config.loss_type)
     policy_chosen_logps, policy_rejected_logps = policy_logps.chunk(2)   # (B,) each
     return dpo.dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                         reference_rejected_logps, config.beta, config.label_smoothing, config.loss_type)
@@ -384,7 +419,8 @@ def evaluate(model: nn.Module, items: list[TokenizedPair], reference: ReferenceC
     results = []
     for start in range(0, len(items), config.batch_size):
         index = list(range(start, min(start + config.batch_size, len(items))))
-        results.append(compute_loss(model, collate([items[i] for i in index], index, pad_id), reference, config))
+        batch = to_device(collate([items[i] for i in index], index, pad_id), model.device)
+        results.append(compute_loss(model, batch, reference, config))
     merged = dpo.PreferenceLoss(*(torch.cat(parts) for parts in zip(*results)))
     metrics = summarize(merged)
     metrics["n"] = len(items)
@@ -473,16 +509,75 @@ def validate_config(config: TrainConfig) -> None:
             raise ValueError(message)
 
 
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss or gradient); the last good checkpoint stays."""
+
+
+RESUMABLE = ("resume", "progress", "max_steps", "checkpoint_dir")  # what --resume may change
+
+
+def config_for_resume(config: TrainConfig, checkpoint: dict) -> TrainConfig:
+    """The saved run's config. A setting given on the command line that contradicts it is an
+    error (another model, another LoRA shape...), not something to guess around."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = TrainConfig(**{k: v for k, v in checkpoint["config"].items() if k in names})
+    defaults = TrainConfig()
+    for name in names - set(RESUMABLE):
+        given = getattr(config, name)
+        if given != getattr(defaults, name) and given != getattr(saved, name):
+            raise ValueError(f"{config.resume} was trained with --{name.replace('_', '-')} "
+                             f"{getattr(saved, name)}, not {given}")
+    return dataclasses.replace(saved, **{k: getattr(config, k) for k in RESUMABLE})
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun: gloo on CPU, NCCL on GPUs."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if world_size == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world_size, device
+
+
+def mean_across_ranks(values: list[float], world_size: int) -> list[float]:
+    if world_size == 1:
+        return values
+    import torch.distributed as dist
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return (tensor / world_size).tolist()
+
+
+def any_rank(flag: bool, world_size: int) -> bool:
+    """True on every rank if it is True on one: all ranks stop at the same step."""
+    if world_size == 1:
+        return flag
+    import torch.distributed as dist
+    tensor = torch.tensor([float(flag)])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def train(config: TrainConfig) -> dict:
-    """Train LoRA adapters with DPO; returns the final validation metrics and file paths."""
+    """Train LoRA adapters with DPO; returns the final validation metrics and file paths.
+
+    Under `torchrun --nproc_per_node N`, each rank takes its share of every global batch
+    (batch_size pairs per rank), DDP averages the adapters' gradients, and rank 0 alone
+    logs, validates and writes checkpoints.
+    """
     validate_config(config)
-    run_dir = Path(config.checkpoint_dir)
+    rank, world_size, device = setup_distributed()
+    is_main = rank == 0
     resumed = load_checkpoint(config.resume) if config.resume else None
     if resumed is not None:
-        keep = {"resume", "progress", "max_steps", "checkpoint_dir"}  # what a resume may change
-        config = dataclasses.replace(TrainConfig(**resumed["config"]), **{k: getattr(config, k) for k in keep})
+        config = config_for_resume(config, resumed)
+    run_dir = Path(config.checkpoint_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same LoRA init on every rank
 
     counts: dict = {}
     train_pairs, val_pairs = split_data(config, counts)
@@ -492,18 +587,28 @@ def train(config: TrainConfig) -> dict:
         raise ValueError(f"--max-length {config.max_length} exceeds the model's {positions} positions")
     train_items = tokenize_pairs(train_pairs, tokenizer, config, counts)
     val_items = tokenize_pairs(val_pairs, tokenizer, config, counts)
-    if not train_items or not val_items:
-        raise DataError(f"no usable pairs left (dropped: {counts})")
+    global_batch = config.batch_size * world_size  # pairs per micro-step, all ranks together
+    if len(train_items) < global_batch or not val_items:
+        raise DataError(f"too few usable pairs: {len(train_items)} train, {len(val_items)} validation (dropped: {counts})")
     lora_config = lora_config_of(config, model)
     trainable, total = lora.add_lora(model, lora_config)
-    log(f"data: {len(train_items)} train / {len(val_items)} validation pairs; dropped: {counts or 'none'}")
-    log(f"model: {config.model} ({config.dtype}); LoRA r={lora_config.r} on {list(lora_config.targets)}: "
-        f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    model.to(device)
+    if is_main:
+        log(f"data: {len(train_items)} train / {len(val_items)} validation pairs; dropped: {counts or 'none'}")
+        log(f"model: {config.model} ({config.dtype}); LoRA r={lora_config.r} on {list(lora_config.targets)}: "
+            f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+        if world_size > 1:
+            log(f"{world_size} processes: global batch {global_batch} x {config.grad_accum} accumulation")
 
+    scorer = None
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        scorer = DistributedDataParallel(Scorer(model), broadcast_buffers=False)
+    torch.manual_seed(config.seed + rank)  # LoRA dropout masks differ across ranks
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     train_reference, val_reference = ReferenceCache(len(train_items)), ReferenceCache(len(val_items))
-    batches_per_epoch = math.ceil(len(train_items) / config.batch_size)
+    batches_per_epoch = len(train_items) // global_batch  # an incomplete last batch is left out
     total_steps = config.epochs * batches_per_epoch // config.grad_accum
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -515,7 +620,9 @@ def train(config: TrainConfig) -> dict:
         torch.set_rng_state(resumed["rng"])
         step, best_val_loss = resumed["step"], resumed["best_val_loss"]
         evals_without_improvement, val_metrics = resumed["evals_without_improvement"], resumed["val_metrics"]
-        log(f"resumed from {config.resume} at step {step}")
+        if is_main:
+            truncate_metrics(run_dir / "metrics.jsonl", step)  # rows a crashed run wrote after its last checkpoint
+            log(f"resumed from {config.resume} at step {step}")
 
     def checkpoint(extra: bool) -> dict:
         payload = {"format": CHECKPOINT_FORMAT, "base_model": config.model, "lora": lora.lora_config_dict(lora_config),
@@ -527,12 +634,13 @@ def train(config: TrainConfig) -> dict:
                            train_reference=train_reference.values, val_reference=val_reference.values)
         return payload
 
-    stop_requested = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop_requested.append(True))  # Ctrl-C: finish the step, save
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    stop_requested = []  # Ctrl-C or SIGTERM: finish the current step, save, stop
+    previous_handlers = {sig: signal.signal(sig, lambda *_: stop_requested.append(True))
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if is_main else None
     from tqdm import tqdm
-    progress = tqdm(total=total_steps, initial=step, desc="DPO", disable=not config.progress, dynamic_ncols=True)
-    if val_metrics is None:  # the starting point: loss log 2 and accuracy by chance
+    progress = tqdm(total=total_steps, initial=step, desc="DPO", disable=not (config.progress and is_main), dynamic_ncols=True)
+    if val_metrics is None and is_main:  # the starting point: loss log 2, accuracy 0.5
         val_metrics = evaluate(model, val_items, val_reference, config, tokenizer.pad_token_id)
         write_metrics(metrics_file, {"step": 0, "split": "val", **val_metrics})
         log(f"step 0 validation: {format_metrics(val_metrics)}")
@@ -541,32 +649,36 @@ def train(config: TrainConfig) -> dict:
     started, stopped_early, current_epoch = time.time(), False, None
     try:
         model.train()  # only LoRA dropout can act: the base model's dropout is off
-        while step < total_steps and not stop_requested:
+        while step < total_steps:
             lr = learning_rate(step, config.lr, config.warmup_steps, total_steps, config.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_results = []
             for micro in range(config.grad_accum):
-                position = step * config.grad_accum + micro
-                epoch, offset = divmod(position, batches_per_epoch)
+                epoch, offset = divmod(step * config.grad_accum + micro, batches_per_epoch)
                 if epoch != current_epoch:
-                    current_epoch, batches = epoch, epoch_batches(train_items, config.batch_size, config.seed, epoch)
-                index = batches[offset]
-                batch = collate([train_items[i] for i in index], index, tokenizer.pad_token_id)
-                result = compute_loss(model, batch, train_reference, config)
+                    current_epoch, batches = epoch, epoch_batches(train_items, global_batch, config.seed, epoch)
+                index = batches[offset][rank * config.batch_size:(rank + 1) * config.batch_size]  # this rank's share
+                batch = to_device(collate([train_items[i] for i in index], index, tokenizer.pad_token_id), device)
+                result = compute_loss(model, batch, train_reference, config, scorer)
                 (result.losses.mean() / config.grad_accum).backward()  # mean over micro-batches (PITFALLS 12)
                 step_results.append(result)
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+            train_metrics = summarize(dpo.PreferenceLoss(*(torch.cat(parts) for parts in zip(*step_results))))
+            train_metrics = dict(zip(train_metrics, mean_across_ranks(list(train_metrics.values()), world_size)))
+            if not (math.isfinite(train_metrics["loss"]) and torch.isfinite(grad_norm)):
+                raise TrainingError(f"non-finite loss ({train_metrics['loss']}) or gradient norm ({grad_norm.item()}) "
+                                    f"at step {step + 1}: stopped; the last good checkpoint is {run_dir / 'last.pt'} "
+                                    f"(try a lower --lr)")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            train_metrics = summarize(dpo.PreferenceLoss(*(torch.cat(parts) for parts in zip(*step_results))))
-            write_metrics(metrics_file, {"step": step, "split": "train", "lr": lr, "grad_norm": grad_norm.item(), **train_metrics})
             progress.update(1)
             progress.set_postfix(loss=f"{train_metrics['loss']:.3f}", acc=f"{train_metrics['reward_accuracy']:.2f}", lr=f"{lr:.1e}")
-
-            if step % config.eval_every == 0 or step == total_steps:
+            if is_main:
+                write_metrics(metrics_file, {"step": step, "split": "train", "lr": lr, "grad_norm": grad_norm.item(), **train_metrics})
+            if is_main and (step % config.eval_every == 0 or step == total_steps):
                 model.eval()
                 val_metrics = evaluate(model, val_items, val_reference, config, tokenizer.pad_token_id)
                 model.train()
@@ -580,22 +692,36 @@ def train(config: TrainConfig) -> dict:
                 if config.early_stop_patience and evals_without_improvement >= config.early_stop_patience:
                     progress.write(f"early stop: {evals_without_improvement} validations without a lower loss")
                     stopped_early = True
-            if step % config.checkpoint_every == 0 or step == total_steps or stopped_early or stop_requested:
+            stopped_early = any_rank(stopped_early, world_size)
+            interrupted = any_rank(bool(stop_requested), world_size)
+            if is_main and (step % config.checkpoint_every == 0 or step == total_steps or stopped_early or interrupted):
                 save_atomic(checkpoint(extra=True), run_dir / "last.pt")
-            if stopped_early:
+            if stopped_early or interrupted:
                 break
     finally:
         progress.close()
-        metrics_file.close()
-        signal.signal(signal.SIGINT, previous_handler)
+        if metrics_file is not None:
+            metrics_file.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     model.eval()
+    summary = {"step": step, "val_metrics": val_metrics, "best_val_loss": best_val_loss, "stopped_early": stopped_early,
+               "interrupted": bool(stop_requested), "dropped": counts, "checkpoint_dir": str(run_dir)}
+    if not is_main:
+        return summary
     if stop_requested:
         log(f"interrupted: saved step {step} to {run_dir / 'last.pt'}; continue with --resume {run_dir / 'last.pt'}")
     plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     log(f"done in {time.time() - started:.0f} s, step {step}; best validation loss {best_val_loss:.4f}; "
         f"last validation: {format_metrics(val_metrics)}")
-    return {"step": step, "val_metrics": val_metrics, "best_val_loss": best_val_loss, "stopped_early": stopped_early,
-            "interrupted": bool(stop_requested), "dropped": counts, "checkpoint_dir": str(run_dir)}
+    return summary
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows up to the resumed step, so a crash never leaves duplicated rows."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(row + "\n" for row in rows))
 
 
 def write_metrics(file, row: dict) -> None:
@@ -656,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as error:  # a model or checkpoint path that is not there: misuse
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
-    except ValueError as error:  # bad data (DataError) or an unusable checkpoint
+    except (ValueError, TrainingError) as error:  # bad data (DataError), an unusable checkpoint, a diverged run
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
     return 0

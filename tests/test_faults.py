@@ -1,0 +1,193 @@
+"""Scale and faults: bad input never crashes, crashes never lose more than the last checkpoint,
+and torchrun with 2 processes computes what 1 process computes."""
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import train
+from test_train import synthetic_rows, tiny_config, write_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+H, A = "\n\nHuman:", "\n\nAssistant:"
+
+# ----- bad input, property-tested ------------------------------------------------------------
+
+texts = st.one_of(
+    st.text(max_size=40),
+    st.builds(lambda a, b: f"{H}{a}{A}{b}", st.text(max_size=20), st.text(max_size=20)),
+    st.just(""), st.just("\ud800 lone surrogate"), st.just(H + " x" * 5000 + A + " y"),
+)
+values = st.one_of(texts, st.none(), st.integers(), st.floats(allow_nan=True), st.lists(st.integers(), max_size=3),
+                   st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+records = st.one_of(
+    st.fixed_dictionaries({"chosen": texts, "rejected": texts}),
+    st.fixed_dictionaries({"chosen": values, "rejected": values}),
+    st.dictionaries(st.sampled_from(["chosen", "rejected", "other"]), values, max_size=3),
+)
+lines = st.one_of(
+    records.map(json.dumps),
+    values.map(json.dumps),                                      # valid JSON, wrong type
+    st.binary(max_size=60),                                      # random bytes, often not UTF-8
+    records.map(lambda r: json.dumps(r)[: max(1, len(json.dumps(r)) // 2)]),  # cut short
+    st.just("[" * 100_000),                                      # nesting deep enough to overflow the parser
+)
+
+
+def outcome(path, skip_bad_lines):
+    counts = {}
+    try:
+        pairs = train.load_pairs(str(path), skip_bad_lines=skip_bad_lines, counts=counts)
+    except train.DataError as error:
+        return "error", str(error), counts
+    return "ok", pairs, counts
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(lines, min_size=1, max_size=6), st.booleans(), st.booleans())
+def test_any_input_gives_pairs_drops_or_one_clear_error(tmp_path, rows, gz, skip_bad_lines):
+    path = tmp_path / ("d.jsonl.gz" if gz else "d.jsonl")
+    data = b"".join((r if isinstance(r, bytes) else r.encode("utf-8", "surrogatepass")).replace(b"\n", b" ") + b"\n" for r in rows)
+    path.write_bytes(gzip.compress(data) if gz else data)
+    kind, result, counts = outcome(path, skip_bad_lines)
+    if kind == "error":
+        assert result.startswith(f"{path}:") and "\n" not in result  # names the file and line
+        assert not skip_bad_lines or "cannot read" in result
+        return
+    for pair in result:  # never a silent wrong pair
+        assert pair.prompt.endswith(A) and pair.chosen.strip() and pair.rejected.strip() and pair.chosen != pair.rejected
+        pair.prompt.encode("utf-8"), pair.chosen.encode("utf-8"), pair.rejected.encode("utf-8")
+    usable = sum(1 for r in data.splitlines() if r.strip())
+    assert len(result) + sum(counts.values()) == usable  # every non-blank line is a pair or a counted drop
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(1, 400))
+def test_truncated_gzip_is_one_clear_error(tmp_path, cut):
+    path = tmp_path / "d.jsonl.gz"
+    blob = gzip.compress("".join(json.dumps(r) + "\n" for r in synthetic_rows(30)).encode())
+    path.write_bytes(blob[:-cut])
+    kind, result, _ = outcome(path, skip_bad_lines=True)
+    assert kind == "error" and "cannot read" in result and result.startswith(f"{path}:")
+
+
+# ----- numerical faults and checkpoints --------------------------------------------------------
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_gpt2_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(24))
+    config = tiny_config(data, tiny_gpt2_dir, tmp_path / "run", lr=1e30, warmup_steps=0, checkpoint_every=1, max_grad_norm=1e38)
+    with pytest.raises(train.TrainingError, match="non-finite .* last good checkpoint"):
+        train.train(config)
+    last = train.load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert all(torch.isfinite(t).all() for t in last["adapters"].values())
+
+
+def test_checkpoints_that_do_not_fit_are_refused(tmp_path, tiny_gpt2_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(12))
+    train.train(tiny_config(data, tiny_gpt2_dir, tmp_path / "run", max_steps=1))
+    last = str(tmp_path / "run" / "last.pt")
+    with pytest.raises(ValueError, match="trained with --model"):
+        train.train(tiny_config(data, "other-model", tmp_path / "run", resume=last))
+    with pytest.raises(ValueError, match="trained with --lora-r 8, not 4"):
+        train.train(tiny_config(data, tiny_gpt2_dir, tmp_path / "run", resume=last, lora_r=4))
+    other_shape = train.load_checkpoint(last)
+    other_shape["lora"]["r"] = 4
+    model = train.load_model_and_tokenizer(tiny_gpt2_dir)[0]
+    with pytest.raises(ValueError, match="adapter .* has shape"):
+        train.load_policy(other_shape)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save({"some": "dict"}, tmp_path / "foreign.pt")
+    for path in (tmp_path / "junk.pt", tmp_path / "foreign.pt"):
+        with pytest.raises(ValueError, match="not a checkpoint of this project"):
+            train.load_checkpoint(str(path))
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        train.load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+# ----- processes: crash, Ctrl-C, torchrun --------------------------------------------------------
+
+def cli(config: train.TrainConfig) -> list[str]:
+    """The train.py command line for a config (only the fields that differ from the defaults)."""
+    args = []
+    for field, default in vars(train.TrainConfig()).items():
+        value = getattr(config, field)
+        if value != default:
+            flag = "--" + field.replace("_", "-")
+            args += [flag] if value is True else [f"--no-{field.replace('_', '-')}"] if value is False else [flag, str(value)]
+    return args
+
+
+def wait_for_step(metrics: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, "training ended before it could be interrupted"
+        if metrics.exists() and any(json.loads(l)["step"] >= step for l in metrics.read_text().splitlines() if l.strip()):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def adapters(run: Path) -> dict:
+    return torch.load(run / "last.pt", weights_only=True)["adapters"]
+
+
+def test_sigkill_then_resume_reaches_the_same_adapters(tmp_path, tiny_gpt2_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(40))
+    settings = dict(epochs=3, checkpoint_every=3, eval_every=5)
+    straight = train.train(tiny_config(data, tiny_gpt2_dir, tmp_path / "a", **settings))
+    killed = tiny_config(data, tiny_gpt2_dir, tmp_path / "b", **settings)
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cli(killed)], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step(tmp_path / "b" / "metrics.jsonl", 7, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not list((tmp_path / "b").glob("*.tmp")) or train.load_checkpoint(str(tmp_path / "b" / "last.pt"))
+    saved_step = train.load_checkpoint(str(tmp_path / "b" / "last.pt"))["step"]
+    assert 0 < saved_step < straight["step"]
+    resumed = train.train(tiny_config(data, tiny_gpt2_dir, tmp_path / "b", resume=str(tmp_path / "b" / "last.pt"), **settings))
+    assert resumed["step"] == straight["step"]
+    a, b = adapters(tmp_path / "a"), adapters(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = lambda run: [l for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert rows("b") == rows("a")  # the rows the killed run wrote after its checkpoint were replaced, not duplicated
+
+
+def test_ctrl_c_finishes_the_step_and_saves(tmp_path, tiny_gpt2_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(40))
+    config = tiny_config(data, tiny_gpt2_dir, tmp_path / "run", epochs=20, checkpoint_every=1000, eval_every=1000)
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cli(config)], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path / "run" / "metrics.jsonl", 3, process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0 and "Traceback" not in err and "interrupted: saved step" in err
+    last = train.load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert 3 <= last["step"] < 300
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == last["step"]
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path, tiny_gpt2_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(28))
+    settings = dict(epochs=2, max_steps=4, eval_every=100, grad_accum=2, lr=1e-2)
+    single = tiny_config(data, tiny_gpt2_dir, tmp_path / "one", batch_size=4, **settings)
+    train.train(single)
+    double = tiny_config(data, tiny_gpt2_dir, tmp_path / "two", batch_size=2, **settings)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                           str(ROOT / "train.py"), *cli(double)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = adapters(tmp_path / "one"), adapters(tmp_path / "two")
+    assert torch.load(tmp_path / "two" / "last.pt", weights_only=True)["step"] == 4
+    moved = max((one[k] - torch.load(tmp_path / "one" / "best.pt", weights_only=True)["adapters"][k]).abs().max() for k in one)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)
+    assert not any(torch.equal(one[k], torch.zeros_like(one[k])) for k in one if k.endswith("lora_B"))  # training moved B
