@@ -743,35 +743,42 @@ def log(message: str) -> None:
 # CLI: built from TrainConfig, so --help lists every field with its default and meaning
 # ---------------------------------------------------------------------------------------
 
-def field_help() -> dict[str, str]:
-    """The one-line comment after each TrainConfig field becomes its --help text."""
+def field_help(config_class: type) -> dict[str, str]:
+    """The one-line comment after each dataclass field becomes its --help text."""
     import inspect
     import re
-    helps = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
-        match = re.match(r"\s+(\w+): .*?#\s*(.*)$", line)
-        if match:
-            helps[match.group(1)] = match.group(2)
-    return helps
+    return {match.group(1): match.group(2) for line in inspect.getsource(config_class).splitlines()
+            if (match := re.match(r"\s+(\w+): .*?#\s*(.*)$", line))}
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")  # one line and exit code 2, not the whole usage
+
+
+def config_parser(config_class: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one option per dataclass field (a field without default is positional)."""
+    parser = OneLineErrorParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = field_help(config_class)
+    for f in dataclasses.fields(config_class):
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is dataclasses.MISSING:
+            parser.add_argument(f.name, help=helps[f.name])
+        elif f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name])
+        else:
+            kind = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}[f.type]
+            parser.add_argument(flag, type=kind, default=f.default, help=helps[f.name])
+    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(prog="train.py", usage="train.py [options] (--help lists them)",
-                                     description="DPO-train LoRA adapters on Anthropic HH-RLHF preference pairs.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    helps = field_help()
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool",):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name])
-            continue
-        kind = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}[f.type]
-        parser.add_argument(flag, type=kind, default=f.default, help=helps[f.name])
+    parser = config_parser(TrainConfig, "train.py", "DPO-train LoRA adapters on Anthropic HH-RLHF preference pairs.")
     config = TrainConfig(**vars(parser.parse_args(argv)))
     try:
         validate_config(config)
     except ValueError as error:
-        parser.error(str(error))  # one line, exit code 2
+        parser.error(str(error))
     return config
 
 
