@@ -289,3 +289,34 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys, tiny_gpt2_d
         assert exit_info.value.code == 2
         error = capsys.readouterr().err.strip()
         assert error.startswith("train.py: error:") and "\n" not in error
+
+
+def test_dpo_uses_summed_and_ipo_mean_logps():
+    """PITFALLS 6: mixing them changes the effective beta by the response length."""
+    logps = dpo.SequenceLogps(torch.tensor([-6.0, -9.0]), torch.tensor([-2.0, -1.0]), torch.tensor([3, 9]))
+    assert torch.equal(train.loss_logps(logps, "sigmoid"), logps.sum)
+    assert torch.equal(train.loss_logps(logps, "ipo"), logps.mean)
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(tiny_gpt2_dir, tokenizer):
+    """PITFALLS 12: each micro-batch loss is divided by the number of micro-batches."""
+    model, _ = train.load_model_and_tokenizer(tiny_gpt2_dir, "float32")
+    lora.add_lora(model, lora.LoRAConfig(r=4))
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(model):
+            layer.lora_B.normal_(std=0.1)  # policy != reference, so the gradient is not trivial
+    items = [train.tokenize_pair(p, tokenizer, 48, 24) for p in train.records_to_pairs(
+        enumerate(synthetic_rows(4), 1), "x", False, {})]
+    config, reference = train.TrainConfig(beta=0.1), train.ReferenceCache(4)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+
+    def gradient(index_groups):
+        for p in parameters:
+            p.grad = None
+        for index in index_groups:
+            batch = train.collate([items[i] for i in index], index, tokenizer.eos_token_id)
+            (train.compute_loss(model, batch, reference, config).losses.mean() / len(index_groups)).backward()
+        return [p.grad.clone() for p in parameters]
+
+    for whole, accumulated in zip(gradient([[0, 1, 2, 3]]), gradient([[0, 1], [2, 3]])):
+        torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-7)
