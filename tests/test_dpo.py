@@ -88,10 +88,7 @@ def test_prompt_tokens_contribute_nothing(batch):
     logits, ids, mask = batch
     prompt_only = torch.zeros_like(mask)
     assert torch.equal(dpo.sequence_logps(logits, ids, prompt_only).sum, torch.zeros(ids.shape[0]))
-    first_response = mask.float().argmax(-1)
-    new_ids = ids.clone()
-    for b in range(ids.shape[0]):
-        new_ids[b, :first_response[b]] = (ids[b, :first_response[b]] + 1) % logits.shape[-1] if mask[b].any() else ids[b, :0]
+    new_ids = torch.where(mask, ids, (ids + 1) % logits.shape[-1])  # every prompt (and padding) id changed
     # Prompt *ids* feed the model, not the score: with logits fixed, only response targets matter.
     assert torch.equal(dpo.sequence_logps(logits, ids, mask).sum, dpo.sequence_logps(logits, new_ids, mask).sum)
 
