@@ -480,10 +480,13 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     train_rows = [r for r in rows if r["split"] == "train"]
     val_rows = [r for r in rows if r["split"] == "val"]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    for split_rows, label, style in ((train_rows, "train", "-"), (val_rows, "validation", "o-")):
-        steps = [r["step"] for r in split_rows]
-        loss_axis.plot(steps, [r["loss"] for r in split_rows], style, label=label, alpha=0.8)
-        accuracy_axis.plot(steps, [r["reward_accuracy"] for r in split_rows], style, label=label, alpha=0.8)
+    window = max(1, len(train_rows) // 20)  # a few pairs a step are noisy: show a running mean too
+    for axis, key in ((loss_axis, "loss"), (accuracy_axis, "reward_accuracy")):
+        steps, values = [r["step"] for r in train_rows], [r[key] for r in train_rows]
+        axis.plot(steps, values, "-", color="tab:blue", alpha=0.25, label="train")
+        smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+        axis.plot(steps, smooth, "-", color="tab:blue", label=f"train, mean of {window} steps")
+        axis.plot([r["step"] for r in val_rows], [r[key] for r in val_rows], "o-", color="tab:orange", label="validation")
     loss_axis.axhline(math.log(2), color="grey", linestyle=":", label="log 2 (policy = reference)")
     accuracy_axis.axhline(0.5, color="grey", linestyle=":", label="chance")
     loss_axis.set(xlabel="optimizer step", ylabel="DPO loss", title="DPO loss")
