@@ -100,7 +100,6 @@ def test_checkpoints_that_do_not_fit_are_refused(tmp_path, tiny_gpt2_dir):
         train.train(tiny_config(data, tiny_gpt2_dir, tmp_path / "run", resume=last, lora_r=4))
     other_shape = train.load_checkpoint(last)
     other_shape["lora"]["r"] = 4
-    model = train.load_model_and_tokenizer(tiny_gpt2_dir)[0]
     with pytest.raises(ValueError, match="adapter .* has shape"):
         train.load_policy(other_shape)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
@@ -187,7 +186,6 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     assert done.returncode == 0, done.stderr[-2000:]
     one, two = adapters(tmp_path / "one"), adapters(tmp_path / "two")
     assert torch.load(tmp_path / "two" / "last.pt", weights_only=True)["step"] == 4
-    moved = max((one[k] - torch.load(tmp_path / "one" / "best.pt", weights_only=True)["adapters"][k]).abs().max() for k in one)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)
     assert not any(torch.equal(one[k], torch.zeros_like(one[k])) for k in one if k.endswith("lora_B"))  # training moved B
