@@ -48,7 +48,7 @@ class TrainConfig:
     max_prompt_length: int = 128       # prompt tokens kept (the last ones)
     # model and adapters
     model: str = "gpt2"                # Hub id, local model folder, or local .gguf file
-    dtype: str = "bfloat16"            # base weights: bfloat16 (fast on CPU) or float32; LoRA and log-probs stay fp32
+    dtype: str = "bfloat16"            # base weights: bfloat16 (run under autocast, fast on CPU) or float32; log-probs fp32
     lora_r: int = 8                    # LoRA rank
     lora_alpha: float = 16.0           # LoRA scale alpha (update multiplied by alpha / r)
     lora_dropout: float = 0.0          # dropout on the adapter input
