@@ -542,7 +542,10 @@ def config_for_resume(config: TrainConfig, checkpoint: dict) -> TrainConfig:
         if given != getattr(defaults, name) and given != getattr(saved, name):
             raise ValueError(f"{config.resume} was trained with --{name.replace('_', '-')} "
                              f"{getattr(saved, name)}, not {given}")
-    return dataclasses.replace(saved, **{k: getattr(config, k) for k in RESUMABLE})
+    resumed = dataclasses.replace(saved, **{k: getattr(config, k) for k in RESUMABLE})
+    if config.checkpoint_dir == defaults.checkpoint_dir:  # not given: continue in the run's own folder
+        resumed.checkpoint_dir = saved.checkpoint_dir
+    return resumed
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:

@@ -320,3 +320,13 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(tiny_gpt
 
     for whole, accumulated in zip(gradient([[0, 1, 2, 3]]), gradient([[0, 1], [2, 3]])):
         torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-7)
+
+
+def test_resume_keeps_the_runs_settings_and_folder_unless_told_otherwise():
+    checkpoint = {"config": vars(train.TrainConfig(checkpoint_dir="runs/x", lr=1e-3, max_steps=10))}
+    resumed = train.config_for_resume(train.TrainConfig(resume="runs/x/last.pt"), checkpoint)
+    assert (resumed.checkpoint_dir, resumed.lr, resumed.resume, resumed.max_steps) == ("runs/x", 1e-3, "runs/x/last.pt", None)
+    moved = train.config_for_resume(train.TrainConfig(resume="runs/x/last.pt", checkpoint_dir="runs/y", max_steps=20), checkpoint)
+    assert (moved.checkpoint_dir, moved.max_steps) == ("runs/y", 20)
+    with pytest.raises(ValueError, match="trained with --lr 0.001, not 0.005"):
+        train.config_for_resume(train.TrainConfig(resume="runs/x/last.pt", lr=5e-3), checkpoint)
