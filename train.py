@@ -109,6 +109,13 @@ def split_prompt(chosen: str, rejected: str) -> Pair | str:
     return Pair(prompt, chosen_response, rejected_response)
 
 
+def bad_line(message: str, skip_bad_lines: bool, counts: dict) -> None:
+    """Stop with file:line and the reason, or (--skip-bad-lines) count the line as dropped."""
+    if not skip_bad_lines:
+        raise DataError(message)
+    counts["malformed line"] = counts.get("malformed line", 0) + 1
+
+
 def read_jsonl(path: str, skip_bad_lines: bool, counts: dict) -> Iterator[tuple[int, dict]]:
     """(line number, record) from a .jsonl or .jsonl.gz file; bad lines stop with file:line."""
     if not os.path.isfile(path):
@@ -125,9 +132,7 @@ def read_jsonl(path: str, skip_bad_lines: bool, counts: dict) -> Iterator[tuple[
                     if not isinstance(record, dict):
                         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
                 except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError; absurd nesting
-                    if not skip_bad_lines:
-                        raise DataError(f"{path}:{line_no}: malformed line ({error})") from None
-                    counts["malformed line"] = counts.get("malformed line", 0) + 1
+                    bad_line(f"{path}:{line_no}: malformed line ({error})", skip_bad_lines, counts)
                     continue
                 yield line_no, record
     except (OSError, EOFError) as error:  # truncated or corrupt gzip
@@ -146,9 +151,7 @@ def records_to_pairs(records: Iterable[tuple[int, dict]], source: str, skip_bad_
         elif not is_valid_text(chosen + rejected):
             reason = "text is not valid Unicode (a lone surrogate escape)"
         if reason is not None:
-            if not skip_bad_lines:
-                raise DataError(f"{source}:{line_no}: malformed record ({reason})")
-            counts["malformed line"] = counts.get("malformed line", 0) + 1
+            bad_line(f"{source}:{line_no}: malformed record ({reason})", skip_bad_lines, counts)
             continue
         pair = split_prompt(chosen, rejected)
         if isinstance(pair, str):

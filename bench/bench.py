@@ -59,7 +59,7 @@ class BenchConfig:
     sweep: str = "128,256,512"         # max lengths for our tokens/s by length (prompt at most half)
     threads: int | None = None         # torch threads in every process; None = torch's default (one per core)
     json: str | None = None            # also write the results to this JSON file
-    # fixed settings, the same on both sides
+    # settings the same on both sides (the defaults: the Gemma setting TRL was profiled on)
     max_length: int = 256              # prompt + response tokens per sequence
     max_prompt_length: int = 128       # prompt tokens kept (the last ones, after BOS)
     batch_size: int = 2                # pairs per step
@@ -468,27 +468,15 @@ def report(config: BenchConfig, model_name: str, results: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
-    parser = argparse.ArgumentParser(prog="bench.py", description="Our DPO step against TRL's DPOTrainer.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    defaults = BenchConfig()
-    parser.add_argument("--model", default=defaults.model,
-                        help=".gguf file or model folder; 'gemma' = Gemma 3 270M from its package; 'tiny' = tiny random GPT-2")
-    parser.add_argument("--data", default=defaults.data, help="HH-RLHF pairs file (.jsonl or .jsonl.gz)")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="timed steps per run, after 1 warm-up step")
-    parser.add_argument("--rounds", type=int, default=defaults.rounds, help="rounds of (ours, TRL)")
-    parser.add_argument("--pairs", type=int, default=defaults.pairs,
-                        help="first N pairs (default 2 * (steps + 1): every step a new batch)")
-    parser.add_argument("--sweep", default=defaults.sweep, help="max lengths for our tokens/s by length")
-    parser.add_argument("--json", default=defaults.json, help="also write the results to this JSON file")
-    parser.add_argument("--threads", type=int, default=defaults.threads,
-                        help="torch threads (default: one per core); on a CPU another job is using, 1 is far steadier")
+    # One option per BenchConfig field, built as train.py and judge.py build theirs.
+    parser = train.config_parser(BenchConfig, "bench.py", "Our DPO step against TRL's DPOTrainer.")
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)  # a child's job
     parser.add_argument("--child-config", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.side:
-        return BenchConfig(**json.loads(args.child_config)), args.side
-    config = BenchConfig(model=args.model, data=args.data, steps=args.steps, rounds=args.rounds, pairs=args.pairs,
-                         sweep=args.sweep, json=args.json, threads=args.threads)
+    args = vars(parser.parse_args(argv))
+    side, child_config = args.pop("side"), args.pop("child_config")
+    if side:
+        return BenchConfig(**json.loads(child_config)), side
+    config = BenchConfig(**args)
     try:
         validate(config)
     except ValueError as error:
