@@ -663,7 +663,9 @@ def train(config: TrainConfig) -> dict:
     metrics_file = open(run_dir / "metrics.jsonl", "a") if is_main else None
     from tqdm import tqdm
     progress = tqdm(total=total_steps, initial=step, desc="DPO", disable=not (config.progress and is_main), dynamic_ncols=True)
-    if val_metrics is None and is_main:  # the starting point: loss log 2, accuracy 0.5
+    # The starting point. The policy forward repeats the reference's here on purpose: getting
+    # loss log 2 and accuracy 0.5 on the real model proves policy == reference (PITFALLS 3, 5).
+    if val_metrics is None and is_main:
         val_metrics = evaluate(model, val_items, val_reference, config, tokenizer.pad_token_id)
         write_metrics(metrics_file, {"step": 0, "split": "val", **val_metrics})
         log(f"step 0 validation: {format_metrics(val_metrics)}")
