@@ -48,7 +48,7 @@ def next_token_targets(input_ids: Tensor, response_mask: Tensor) -> tuple[Tensor
 
 
 def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
-    """log softmax(logits)[target] for each row, computed in fp32 (PITFALLS 7).
+    """log softmax(logits)[target] for each row, computed in fp32 (docs/PITFALLS.md 7).
 
     logits: (..., V), targets: (...) -> (...). Gathering the target's logit and subtracting
     logsumexp never materialises the full (..., V) log-softmax a second time.
@@ -112,7 +112,7 @@ def sequence_logps_from_hidden(hidden: Tensor, output_layer, input_ids: Tensor, 
 
     hidden: (B, T, H), the last hidden states; output_layer maps (N, H) -> (N, V) logits.
     Projecting every position through a 50k-262k vocabulary is most of a step's cost and
-    memory, and prompt and padding positions are thrown away after (PITFALLS 8).
+    memory, and prompt and padding positions are thrown away after (docs/PITFALLS.md 8).
     """
     targets, target_mask = next_token_targets(input_ids, response_mask)        # (B, T-1) each
     response_hidden = hidden[:, :-1][target_mask]                               # (N, H)
@@ -151,6 +151,11 @@ class PreferenceLoss(NamedTuple):
         """1.0 where the implicit reward ranks the pair like the human did, 0.5 on a tie
         (so policy == reference scores exactly chance, 0.5, not 0)."""
         return (self.chosen_rewards > self.rejected_rewards).float() + 0.5 * (self.chosen_rewards == self.rejected_rewards).float()
+
+    @staticmethod
+    def concatenate(parts: "list[PreferenceLoss]") -> "PreferenceLoss":
+        """Several batches' results as one: (B1,) + (B2,) + ... -> (B1 + B2 + ...,)."""
+        return PreferenceLoss(*(torch.cat(field) for field in zip(*parts)))
 
 
 def dpo_loss(

@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere: train.py, lora.p
 import lora   # noqa: E402
 import train  # noqa: E402
 
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base" / "pairs.jsonl.gz"
+DEFAULT_DATA = train.BUNDLED_DATA  # the 2,000 HH-RLHF pairs shipped in data/
 CHECK_TOLERANCE = 1e-3  # |our first-step loss - TRL's| must stay below this
 CHECK_LORA_B_STD = 0.02  # the shared nonzero B of the check: policy != reference at step 1
 

@@ -120,7 +120,7 @@ def test_labels_with_ignore_index_give_the_same_logps():
 
 
 def test_logps_are_computed_in_fp32_from_bf16_logits():
-    """Summing bf16 log-probs loses the signal (PITFALLS 7): the result must be fp32."""
+    """Summing bf16 log-probs loses the signal (docs/PITFALLS.md 7): the result must be fp32."""
     torch.manual_seed(0)
     logits, ids = torch.randn(1, 200, 50).bfloat16(), torch.randint(0, 50, (1, 200))
     mask = torch.ones(1, 200, dtype=torch.bool)
@@ -150,7 +150,7 @@ def loss_of(pw, pl, rw, rl, beta, **kw):
 @SETTINGS
 @given(logp, logp, betas)
 def test_loss_is_log2_at_zero_margin(chosen, rejected, beta):
-    """Policy == reference (step 0): loss log 2, rewards exactly 0 (PITFALLS 5)."""
+    """Policy == reference (step 0): loss log 2, rewards exactly 0 (docs/PITFALLS.md 5)."""
     out = loss_of(chosen, rejected, chosen, rejected, beta)
     assert out.losses.item() == pytest.approx(math.log(2), abs=1e-12)
     assert out.chosen_rewards.item() == 0 and out.rejected_rewards.item() == 0
