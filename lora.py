@@ -89,7 +89,7 @@ class LoRALayer(nn.Module):
         """(alpha / r) * B A in the base weight's own layout and dtype."""
         delta = self.scaling * (self.lora_B @ self.lora_A)  # (out, in)
         if isinstance(self.base, Conv1D):
-            delta = delta.T  # Conv1D keeps W as (in, out) (PITFALLS 12)
+            delta = delta.T  # Conv1D keeps W as (in, out) (docs/PITFALLS.md 12)
         return delta.to(self.base.weight.dtype)
 
     @torch.no_grad()
@@ -190,3 +190,8 @@ def lora_config_dict(config: LoRAConfig) -> dict:
     settings = asdict(config)
     settings["targets"] = list(settings["targets"])
     return settings
+
+
+def lora_config_from_dict(settings: dict) -> LoRAConfig:
+    """The inverse of lora_config_dict."""
+    return LoRAConfig(settings["r"], settings["alpha"], settings["dropout"], tuple(settings["targets"]))

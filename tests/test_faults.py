@@ -2,6 +2,7 @@
 and torchrun with 2 processes computes what 1 process computes."""
 import gzip
 import json
+import math
 import os
 import signal
 import subprocess
@@ -175,7 +176,7 @@ def test_ctrl_c_finishes_the_step_and_saves(tmp_path, tiny_gpt2_dir):
 
 
 def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path, tiny_gpt2_dir):
-    data = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(28))
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(29))  # 25 train pairs: a global batch of 4 leaves one out
     settings = dict(epochs=2, max_steps=4, eval_every=100, grad_accum=2, lr=1e-2)
     single = tiny_config(data, tiny_gpt2_dir, tmp_path / "one", batch_size=4, **settings)
     train.train(single)
@@ -185,7 +186,88 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
                            str(ROOT / "train.py"), *cli(double)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     one, two = adapters(tmp_path / "one"), adapters(tmp_path / "two")
-    assert torch.load(tmp_path / "two" / "last.pt", weights_only=True)["step"] == 4
+    last = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
+    assert last["step"] == 4 and last["world_size"] == 2
+    assert len(last["rng"]) == 2 and not torch.equal(last["rng"][0]["cpu"], last["rng"][1]["cpu"])  # each rank its own
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)
     assert not any(torch.equal(one[k], torch.zeros_like(one[k])) for k in one if k.endswith("lora_B"))  # training moved B
+
+
+# ----- runs that never train on something else ------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(pairs=st.integers(1, 60), batch_size=st.integers(1, 5), world_size=st.integers(1, 4), seed=st.integers(0, 3),
+       epoch=st.integers(0, 3))
+def test_every_batch_is_whole_and_no_pair_comes_twice_in_an_epoch(pairs, batch_size, world_size, seed, epoch):
+    items = [train.TokenizedPair([1] * (1 + i % 7), [2] * (1 + i % 5), [3]) for i in range(pairs)]
+    global_batch = batch_size * world_size
+    batches = train.epoch_batches(items, global_batch, seed, epoch)
+    assert len(batches) == pairs // global_batch  # the number build_run's schedule counts on
+    assert all(len(batch) == global_batch for batch in batches)
+    used = [i for batch in batches for i in batch]
+    assert len(used) == len(set(used)) and all(0 <= i < pairs for i in used)
+    for batch in batches:  # every rank's share of every batch is whole, never empty
+        assert all(len(batch[rank * batch_size:(rank + 1) * batch_size]) == batch_size for rank in range(world_size))
+
+
+def test_resume_refuses_what_cannot_continue_exactly(tmp_path, tiny_gpt2_dir, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(12))
+    train.train(tiny_config(data, tiny_gpt2_dir, tmp_path / "run", max_steps=2))
+    best, last = str(tmp_path / "run" / "best.pt"), str(tmp_path / "run" / "last.pt")
+    assert train.main(["--resume", best]) == 1
+    error = capsys.readouterr().err
+    assert "holds the best adapters only" in error and f"resume from {last}" in error and "Traceback" not in error
+    saved = train.load_checkpoint(last)
+    with pytest.raises(ValueError, match="trained on 1 processes, not 2: .* torchrun --nproc_per_node 1"):
+        train.check_resume_fits(saved, last, saved["total_steps"], 2, torch.device("cpu"))
+    with pytest.raises(ValueError, match="schedule of 2 steps; these data and settings give 3"):
+        train.check_resume_fits(saved, last, 3, 1, torch.device("cpu"))
+    with pytest.raises(ValueError, match="trained on cpu, not cuda"):
+        train.check_resume_fits(saved, last, saved["total_steps"], 1, torch.device("cuda"))
+    older = {k: v for k, v in saved.items() if k != "state"}  # a last.pt from before the run state was saved
+    torch.save(older, tmp_path / "older.pt")
+    with pytest.raises(ValueError, match="older train.py .* cannot continue exactly"):
+        train.load_resumable(str(tmp_path / "older.pt"))
+
+
+def test_a_new_run_never_writes_over_another(tmp_path, tiny_gpt2_dir, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(12))
+    config = tiny_config(data, tiny_gpt2_dir, tmp_path / "run", max_steps=1)
+    train.train(config)
+    before = {name: (tmp_path / "run" / name).read_bytes() for name in ("metrics.jsonl", "best.pt", "last.pt")}
+    capsys.readouterr()
+    assert train.main(cli(config)) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "holds another run (metrics.jsonl, last.pt, best.pt)" in error
+    assert f"--resume {tmp_path / 'run' / 'last.pt'}" in error and "another --checkpoint-dir" in error
+    assert before == {name: (tmp_path / "run" / name).read_bytes() for name in before}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
+def test_dropout_is_off_everywhere_so_policy_equals_reference_in_train_mode(family):
+    """Llama and Gemma attention copy attention_dropout into a float at build time: zeroing the
+    config afterwards is not enough (docs/PITFALLS.md 3)."""
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM)
+    import dpo
+    import lora
+    torch.manual_seed(0)
+    size = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=64, attention_dropout=0.3)
+    model = {"gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                                        attn_pdrop=0.3, resid_pdrop=0.3, embd_pdrop=0.3)),
+             "llama": lambda: LlamaForCausalLM(LlamaConfig(**size)),
+             "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(**size, head_dim=16, sliding_window=8))}[family]()
+    train.disable_dropout(model)
+    lora.add_lora(model, lora.LoRAConfig(r=4))
+    model.train()
+    ids = torch.randint(0, 64, (4, 12))
+    batch = train.Batch(ids, torch.ones_like(ids), torch.arange(12).expand(4, 12) >= 5, torch.arange(2))
+    policy = train.batch_logps(model, batch).sum
+    with torch.no_grad(), lora.adapters_disabled(model):
+        reference = train.batch_logps(model, batch).sum
+    assert torch.equal(policy, train.batch_logps(model, batch).sum)  # two train-mode forwards agree
+    result = dpo.dpo_loss(*policy.chunk(2), *reference.chunk(2), beta=0.1)
+    assert torch.equal(result.losses, torch.full((2,), math.log(2)))  # exactly: policy == reference
+    assert torch.equal(result.chosen_rewards, torch.zeros(2)) and torch.equal(result.rejected_rewards, torch.zeros(2))

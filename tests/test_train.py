@@ -3,9 +3,11 @@ import gzip
 import json
 import math
 import random
+import signal
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dpo
 import lora
@@ -53,7 +55,7 @@ def test_prompt_ends_at_the_last_assistant_turn():
     prompt = f"{H} hi{A} hello{H} how are you?{A}"
     pair = train.split_prompt(prompt + " Fine, thanks.", prompt + " Fine. Go away.")
     assert pair == train.Pair(prompt, " Fine, thanks.", " Fine. Go away.")
-    # not the longest common prefix, which would run into " Fine" (PITFALLS 1)
+    # not the longest common prefix, which would run into " Fine" (docs/PITFALLS.md 1)
     assert pair.prompt.endswith(A) and pair.chosen.startswith(" Fine")
 
 
@@ -121,7 +123,7 @@ def tokenizer():
 
 
 def test_prompt_and_responses_are_tokenised_separately(tokenizer):
-    """' Hi' after 'Assistant:' must not merge with the prompt's last token (PITFALLS 1)."""
+    """' Hi' after 'Assistant:' must not merge with the prompt's last token (docs/PITFALLS.md 1)."""
     pair = train.Pair(f"{H} hello{A}", " Hi there", " No")
     item = train.tokenize_pair(pair, tokenizer, 64, 32)
     assert item.prompt_ids == tokenizer(pair.prompt).input_ids
@@ -140,7 +142,7 @@ def test_long_prompts_keep_their_last_tokens_and_responses_their_first(tokenizer
 
 
 def test_eos_is_scored_even_when_pad_equals_eos(tokenizer):
-    """GPT-2 pads with EOS; the mask comes from lengths, so the response's EOS still counts (PITFALLS 2)."""
+    """GPT-2 pads with EOS; the mask comes from lengths, so the response's EOS still counts (docs/PITFALLS.md 2)."""
     assert tokenizer.pad_token_id in (None, tokenizer.eos_token_id)
     items = [train.tokenize_pair(train.Pair(f"{H} q{A}", " yes", " no no no no"), tokenizer, 32, 16)]
     batch = train.collate(items, [0], pad_id=tokenizer.eos_token_id)
@@ -189,7 +191,7 @@ def test_logps_from_response_hidden_states_equal_full_logits(tokenizer):
 
 
 def test_loaded_model_has_no_dropout_so_policy_equals_reference_at_step_zero(tiny_gpt2_dir, tokenizer):
-    """PITFALLS 3 and 5: in train mode, with dropout off, loss is log 2 and rewards 0 exactly."""
+    """docs/PITFALLS.md 3 and 5: in train mode, with dropout off, loss is log 2 and rewards 0 exactly."""
     model, _ = train.load_model_and_tokenizer(tiny_gpt2_dir, "float32")
     lora.add_lora(model, lora.LoRAConfig(r=4, dropout=0.0))
     model.train()
@@ -245,18 +247,46 @@ def test_training_learns_and_writes_loadable_checkpoints(tmp_path, tiny_gpt2_dir
     assert rows[0] == {**rows[0], "step": 0, "split": "val", "loss": pytest.approx(math.log(2)), "reward_accuracy": 0.5}
 
 
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, tiny_gpt2_dir):
-    data = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(20))
-    settings = dict(epochs=2, lora_dropout=0.1, grad_accum=2)  # dropout: the RNG state must resume too
-    straight = train.train(tiny_config(data, tiny_gpt2_dir, tmp_path / "a", **settings))
-    train.train(tiny_config(data, tiny_gpt2_dir, tmp_path / "b", max_steps=3, **settings))
-    resumed = train.train(tiny_config(data, tiny_gpt2_dir, tmp_path / "b", resume=str(tmp_path / "b" / "last.pt"), **settings))
-    assert resumed["step"] == straight["step"] == 8
-    losses = lambda run: [(r["step"], r["split"], r["loss"]) for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]
-    # the stopped run also validated at its last step (3); every other row is identical
-    assert [row for row in losses("b") if row != (3, "val", row[2])] == losses("a")
-    a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True)["adapters"] for run in ("a", "b"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+RESUME_SETTINGS = dict(epochs=2, lora_dropout=0.1, grad_accum=2, warmup_steps=2, eval_every=3, checkpoint_every=2)
+UNINTERRUPTED = {}  # the run never stopped, trained once for all the examples below
+
+
+def run_rows(run_dir):
+    return [(r["step"], r["split"], r["loss"]) for r in train.read_log(run_dir / "metrics.jsonl")]
+
+
+def stop_at(step, monkeypatch):
+    """Ctrl-C right after the train row of `step` is written: the real signal handler takes it."""
+    write = train.write_metrics
+
+    def write_then_interrupt(file, row):
+        write(file, row)
+        if row["split"] == "train" and row["step"] == step:
+            signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(train, "write_metrics", write_then_interrupt)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stop_step=st.integers(1, 7))
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path_factory, tiny_gpt2_dir, stop_step):
+    """Stopped at any step (warmup or cosine decay, LoRA dropout on, 2 micro-batches a step), then
+    continued with a bare --resume: the same rows and bit-identical adapters as a run never stopped."""
+    data_dir = tmp_path_factory.getbasetemp() / "resume-data"
+    data_dir.mkdir(exist_ok=True)
+    data = write_jsonl(data_dir / "d.jsonl", synthetic_rows(20))  # 16 train pairs: 4 steps an epoch, 8 in all
+    if "a" not in UNINTERRUPTED:
+        run = tmp_path_factory.mktemp("uninterrupted")
+        UNINTERRUPTED.update(a=train.train(tiny_config(data, tiny_gpt2_dir, run, **RESUME_SETTINGS)), rows=run_rows(run),
+                             adapters=torch.load(run / "last.pt", weights_only=True)["adapters"])
+    run = tmp_path_factory.mktemp("stopped")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        stop_at(stop_step, monkeypatch)
+        stopped = train.train(tiny_config(data, tiny_gpt2_dir, run, **RESUME_SETTINGS))
+    assert stopped["interrupted"] and stopped["step"] == stop_step
+    assert train.main(["--resume", str(run / "last.pt"), "--no-progress"]) == 0
+    assert run_rows(run) == UNINTERRUPTED["rows"] and UNINTERRUPTED["a"]["step"] == 8
+    adapters = torch.load(run / "last.pt", weights_only=True)["adapters"]
+    assert all(torch.equal(adapters[k], UNINTERRUPTED["adapters"][k]) for k in adapters)
 
 
 def test_early_stopping_fires_when_validation_loss_stops_falling(tmp_path, tiny_gpt2_dir):
@@ -292,14 +322,14 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys, tiny_gpt2_d
 
 
 def test_dpo_uses_summed_and_ipo_mean_logps():
-    """PITFALLS 6: mixing them changes the effective beta by the response length."""
+    """docs/PITFALLS.md 6: mixing them changes the effective beta by the response length."""
     logps = dpo.SequenceLogps(torch.tensor([-6.0, -9.0]), torch.tensor([-2.0, -1.0]), torch.tensor([3, 9]))
     assert torch.equal(train.loss_logps(logps, "sigmoid"), logps.sum)
     assert torch.equal(train.loss_logps(logps, "ipo"), logps.mean)
 
 
 def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(tiny_gpt2_dir, tokenizer):
-    """PITFALLS 12: each micro-batch loss is divided by the number of micro-batches."""
+    """docs/PITFALLS.md 12: each micro-batch loss is divided by the number of micro-batches."""
     model, _ = train.load_model_and_tokenizer(tiny_gpt2_dir, "float32")
     lora.add_lora(model, lora.LoRAConfig(r=4))
     with torch.no_grad():
@@ -325,8 +355,123 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(tiny_gpt
 def test_resume_keeps_the_runs_settings_and_folder_unless_told_otherwise():
     checkpoint = {"config": vars(train.TrainConfig(checkpoint_dir="runs/x", lr=1e-3, max_steps=10))}
     resumed = train.config_for_resume(train.TrainConfig(resume="runs/x/last.pt"), checkpoint)
-    assert (resumed.checkpoint_dir, resumed.lr, resumed.resume, resumed.max_steps) == ("runs/x", 1e-3, "runs/x/last.pt", None)
-    moved = train.config_for_resume(train.TrainConfig(resume="runs/x/last.pt", checkpoint_dir="runs/y", max_steps=20), checkpoint)
-    assert (moved.checkpoint_dir, moved.max_steps) == ("runs/y", 20)
+    # a bare --resume keeps the run's --max-steps: it sets the schedule's length
+    assert (resumed.checkpoint_dir, resumed.lr, resumed.resume, resumed.max_steps) == ("runs/x", 1e-3, "runs/x/last.pt", 10)
+    moved = train.config_for_resume(train.TrainConfig(resume="runs/x/last.pt", checkpoint_dir="runs/y", threads=1), checkpoint)
+    assert (moved.checkpoint_dir, moved.threads) == ("runs/y", 1)
     with pytest.raises(ValueError, match="trained with --lr 0.001, not 0.005"):
         train.config_for_resume(train.TrainConfig(resume="runs/x/last.pt", lr=5e-3), checkpoint)
+    with pytest.raises(ValueError, match="trained with --max-steps 10, not 20"):
+        train.config_for_resume(train.TrainConfig(resume="runs/x/last.pt", max_steps=20), checkpoint)
+
+
+# ----- where model and data come from: the Hub, or the bundled stand-ins ----------------------
+
+def test_hub_defaults_fall_back_to_the_bundled_files_when_the_hub_cannot_be_reached(monkeypatch, capsys):
+    monkeypatch.setattr(train, "hub_unreachable_reason", lambda: "HF_HUB_OFFLINE is set")
+    offline = train.with_offline_fallbacks(train.TrainConfig())
+    assert offline.data == train.BUNDLED_DATA and offline.model.endswith(".gguf") and offline.model == train.bundled_model()
+    line = capsys.readouterr().err
+    assert line.count("\n") == 1 and "cannot be reached (HF_HUB_OFFLINE is set)" in line and "Gemma 3 270M" in line
+    # only what was left at its Hub default is replaced
+    mine = train.with_offline_fallbacks(train.TrainConfig(data="mine.jsonl"))
+    assert (mine.data, mine.model) == ("mine.jsonl", train.bundled_model())
+    assert train.with_offline_fallbacks(train.TrainConfig(data="mine.jsonl", model="m.gguf")) == \
+        train.TrainConfig(data="mine.jsonl", model="m.gguf")
+    monkeypatch.setattr(train, "hub_unreachable_reason", lambda: None)  # the Hub answers: nothing changes
+    assert train.with_offline_fallbacks(train.TrainConfig()) == train.TrainConfig()
+    assert (train.TrainConfig().model, train.TrainConfig().data) == ("gpt2", "Anthropic/hh-rlhf")
+
+
+def test_the_bundled_data_is_real_hh_rlhf_read_like_any_local_file():
+    counts = {}
+    pairs = train.load_pairs(train.BUNDLED_DATA, counts=counts)
+    assert len(pairs) + sum(counts.values()) == 2000 and len(pairs) > 1900
+    assert all(p.prompt.startswith("\n\nHuman:") and p.prompt.endswith(A) for p in pairs)
+
+
+def test_an_unreachable_hub_is_found_in_one_quick_request(monkeypatch):
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+    check = train.hub_unreachable_reason.__wrapped__  # the uncached function
+    for name in train.OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert check() == "HF_HUB_OFFLINE is set"
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    assert "no answer from http://127.0.0.1:9" in check()
+    # a server that answers, even with 404, is a reachable Hub
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    try:
+        assert check() is None
+    finally:
+        server.shutdown()
+
+
+def test_hub_failures_are_one_line_naming_what_to_do(monkeypatch):
+    import datasets
+
+    def cut_off(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'Anthropic/hh-rlhf' on the Hub (LocalEntryNotFoundError)\nmore\nlines")
+    monkeypatch.setattr(datasets, "load_dataset", cut_off)
+    with pytest.raises(train.DataError) as error:
+        train.load_pairs(train.HUB_DATASET)
+    assert "\n" not in str(error.value) and "ConnectionError: Couldn't reach" in str(error.value) and "--data FILE" in str(error.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # transformers itself fails to fetch gpt2: no mock
+    with pytest.raises(FileNotFoundError) as error:
+        train.load_model_and_tokenizer("gpt2-not-in-any-cache")
+    assert "\n" not in str(error.value) and "pass --model a local folder or .gguf file" in str(error.value)
+
+
+def test_checkpoints_that_wrote_none_for_the_hub_still_load():
+    old = {**vars(train.TrainConfig()), "data": None}
+    assert train.config_from_dict(old).data == train.HUB_DATASET
+
+
+# ----- logs cut by a kill --------------------------------------------------------------------
+
+def test_a_cut_last_log_line_is_dropped_at_every_byte_offset(tmp_path, capsys):
+    rows = [{"step": 0, "split": "val", "loss": 0.6931}, {"step": 1, "split": "train", "loss": 0.5, "note": "\u00e9"}]
+    whole = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    last_start = whole.rindex(b"{")
+    for cut in range(last_start, len(whole) + 1):
+        path = tmp_path / "metrics.jsonl"
+        path.write_bytes(whole[:cut])
+        kept = train.read_log(path)
+        assert kept == (rows if cut >= len(whole) - 1 else rows[:1]), cut
+        assert path.read_bytes() == "".join(json.dumps(r) + "\n" for r in kept).encode()  # appendable again
+    assert "metrics.jsonl: its last line is cut short" in capsys.readouterr().err
+    path.write_bytes(b'{"step": 0}\n{"ste\n{"step": 1}\n')  # damage that is not a cut write
+    with pytest.raises(ValueError, match="metrics.jsonl:2: not a record of train.py's metrics"):
+        train.read_log(path)
+
+
+def test_resume_after_a_cut_metrics_row_continues(tmp_path, tiny_gpt2_dir, capsys, monkeypatch):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(20))
+    with monkeypatch.context() as patch:
+        stop_at(2, patch)
+        train.train(tiny_config(data, tiny_gpt2_dir, tmp_path / "run", max_steps=4))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes() + b'{"step": 3, "split": "train", "lo')  # a kill mid-write
+    assert train.main(["--resume", str(tmp_path / "run" / "last.pt"), "--no-progress"]) == 0
+    assert "its last line is cut short" in capsys.readouterr().err
+    assert [r["step"] for r in train.read_log(metrics) if r["split"] == "train"] == [1, 2, 3, 4]
+
+
+# ----- the seed's Python call -----------------------------------------------------------------
+
+def test_run_train_is_the_seeds_call_over_train(tmp_path, tiny_gpt2_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(16))
+    summary = train.run_train(model_name=tiny_gpt2_dir, dataset=data, num_examples=8, batch_size=2, num_epochs=2,
+                              lr=5e-3, beta=0.2, warmup_steps=1, early_stop_patience=3,
+                              checkpoint_dir=str(tmp_path / "run"), val_size=4, max_length=48, max_prompt_length=24,
+                              dtype="float32", progress=False)
+    assert summary["step"] == 8  # 8 pairs / 2 a batch x 2 epochs
+    saved = train.load_checkpoint(str(tmp_path / "run" / "last.pt"))["config"]
+    assert (saved["model"], saved["data"], saved["num_examples"], saved["epochs"], saved["beta"], saved["warmup_steps"],
+            saved["early_stop_patience"]) == (tiny_gpt2_dir, data, 8, 2, 0.2, 1, 3)

@@ -1,0 +1,40 @@
+"""The README's two commands on a machine that cannot reach the Hugging Face Hub: real
+subprocesses, the real bundled data and the real Gemma 3 270M, only made small."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--num-examples", "4", "--val-size", "4", "--batch-size", "2", "--max-length", "64", "--max-prompt-length", "32",
+         "--max-steps", "1", "--eval-every", "1", "--threads", "2", "--no-progress"]
+
+
+def offline_env() -> dict:
+    """No Hub: nothing listens at the endpoint, as on a machine without network."""
+    env = {k: v for k, v in os.environ.items() if k not in train.OFFLINE_VARIABLES}
+    return {**env, "HF_ENDPOINT": "http://127.0.0.1:9"}
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("offline-run")
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--beta", "0.1", *SMALL, "--checkpoint-dir", str(run_dir)],
+                          cwd=run_dir, env=offline_env(), capture_output=True, text=True, timeout=600)
+    return done, run_dir
+
+
+def test_train_without_the_hub_says_so_and_trains_the_bundled_model_on_the_bundled_pairs(offline_run):
+    done, run_dir = offline_run
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    fallback = [line for line in done.stderr.splitlines() if "cannot be reached" in line]
+    assert len(fallback) == 1 and "Gemma 3 270M" in fallback[0] and "bundled pairs" in fallback[0]
+    assert "Loading a GGUF checkpoint" not in done.stderr  # transformers' float32 advice does not apply here
+    checkpoint = train.load_checkpoint(str(run_dir / "best.pt"))
+    assert checkpoint["base_model"] == train.bundled_model() and checkpoint["config"]["data"] == train.BUNDLED_DATA
+    last = train.load_checkpoint(str(run_dir / "last.pt"))
+    assert last["step"] == 1 and last["val_metrics"]["n"] == 4
