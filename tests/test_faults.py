@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import data
 import train
 from test_train import synthetic_rows, tiny_config, write_jsonl
 
@@ -46,8 +47,8 @@ lines = st.one_of(
 def outcome(path, skip_bad_lines):
     counts = {}
     try:
-        pairs = train.load_pairs(str(path), skip_bad_lines=skip_bad_lines, counts=counts)
-    except train.DataError as error:
+        pairs = data.load_pairs(str(path), skip_bad_lines=skip_bad_lines, counts=counts)
+    except data.DataError as error:
         return "error", str(error), counts
     return "ok", pairs, counts
 
@@ -200,9 +201,9 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
 @given(pairs=st.integers(1, 60), batch_size=st.integers(1, 5), world_size=st.integers(1, 4), seed=st.integers(0, 3),
        epoch=st.integers(0, 3))
 def test_every_batch_is_whole_and_no_pair_comes_twice_in_an_epoch(pairs, batch_size, world_size, seed, epoch):
-    items = [train.TokenizedPair([1] * (1 + i % 7), [2] * (1 + i % 5), [3]) for i in range(pairs)]
+    items = [data.TokenizedPair([1] * (1 + i % 7), [2] * (1 + i % 5), [3]) for i in range(pairs)]
     global_batch = batch_size * world_size
-    batches = train.epoch_batches(items, global_batch, seed, epoch)
+    batches = data.epoch_batches(items, global_batch, seed, epoch)
     assert len(batches) == pairs // global_batch  # the number build_run's schedule counts on
     assert all(len(batch) == global_batch for batch in batches)
     used = [i for batch in batches for i in batch]
@@ -263,7 +264,7 @@ def test_dropout_is_off_everywhere_so_policy_equals_reference_in_train_mode(fami
     lora.add_lora(model, lora.LoRAConfig(r=4))
     model.train()
     ids = torch.randint(0, 64, (4, 12))
-    batch = train.Batch(ids, torch.ones_like(ids), torch.arange(12).expand(4, 12) >= 5, torch.arange(2))
+    batch = data.Batch(ids, torch.ones_like(ids), torch.arange(12).expand(4, 12) >= 5, torch.arange(2))
     policy = train.batch_logps(model, batch).sum
     with torch.no_grad(), lora.adapters_disabled(model):
         reference = train.batch_logps(model, batch).sum

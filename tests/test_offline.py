@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import data
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +36,20 @@ def test_train_without_the_hub_says_so_and_trains_the_bundled_model_on_the_bundl
     assert len(fallback) == 1 and "Gemma 3 270M" in fallback[0] and "bundled pairs" in fallback[0]
     assert "Loading a GGUF checkpoint" not in done.stderr  # transformers' float32 advice does not apply here
     checkpoint = train.load_checkpoint(str(run_dir / "best.pt"))
-    assert checkpoint["base_model"] == train.bundled_model() and checkpoint["config"]["data"] == train.BUNDLED_DATA
+    assert checkpoint["base_model"] == train.bundled_model() and checkpoint["config"]["data"] == data.BUNDLED_DATA
     last = train.load_checkpoint(str(run_dir / "last.pt"))
     assert last["step"] == 1 and last["val_metrics"]["n"] == 4
+
+
+def test_judge_without_the_hub_prints_the_seeds_lines_and_the_judges_agreement(offline_run):
+    _, run_dir = offline_run
+    done = subprocess.run([sys.executable, str(ROOT / "judge.py"), str(run_dir / "best.pt"), "--num-test-questions", "1",
+                           "--sanity", "2", "--max-new-tokens", "8", "--output", str(run_dir / "judgements.jsonl")],
+                          cwd=run_dir, env=offline_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    stand_in = [line for line in done.stderr.splitlines() if "cannot be reached" in line]
+    assert len(stand_in) == 1 and "stand-in at chance" in stand_in[0]  # the held-out prompts come with the run
+    lines = done.stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("Number of wins of the base model: "))
+    assert lines[first + 1].startswith("Number of wins of the DPO model: ") and lines[first + 2].startswith("Winner: ")
+    assert lines[-1].startswith("Judge agreement with people") and "2 human-labelled pairs" in lines[-1]

@@ -1,4 +1,5 @@
 """train.py: data rules, tokenisation traps, schedule, the loop, checkpoints and resume."""
+import dataclasses
 import gzip
 import json
 import math
@@ -9,6 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import data
 import dpo
 import lora
 import train
@@ -53,8 +55,8 @@ def synthetic_rows(n, seed=0):
 
 def test_prompt_ends_at_the_last_assistant_turn():
     prompt = f"{H} hi{A} hello{H} how are you?{A}"
-    pair = train.split_prompt(prompt + " Fine, thanks.", prompt + " Fine. Go away.")
-    assert pair == train.Pair(prompt, " Fine, thanks.", " Fine. Go away.")
+    pair = data.split_prompt(prompt + " Fine, thanks.", prompt + " Fine. Go away.")
+    assert pair == data.Pair(prompt, " Fine, thanks.", " Fine. Go away.")
     # not the longest common prefix, which would run into " Fine" (docs/PITFALLS.md 1)
     assert pair.prompt.endswith(A) and pair.chosen.startswith(" Fine")
 
@@ -68,13 +70,13 @@ def test_prompt_ends_at_the_last_assistant_turn():
     (f"{H} hi{A} same", f"{H} hi{A} same", "identical responses"),
 ])
 def test_bad_pairs_are_dropped_with_a_reason(chosen, rejected, reason):
-    assert train.split_prompt(chosen, rejected) == reason
+    assert data.split_prompt(chosen, rejected) == reason
 
 
 def test_drops_are_counted_not_trained_on(tmp_path):
     rows = synthetic_rows(5) + [record(f"{H} x{A}", " same", " same"), {"chosen": f"{H} a{A} b", "rejected": f"{H} c{A} d"}]
     counts = {}
-    pairs = train.load_pairs(write_jsonl(tmp_path / "d.jsonl.gz", rows, gz=True), counts=counts)
+    pairs = data.load_pairs(write_jsonl(tmp_path / "d.jsonl.gz", rows, gz=True), counts=counts)
     assert len(pairs) == 5 and counts == {"identical responses": 1, "prompts differ": 1}
 
 
@@ -86,32 +88,32 @@ def test_drops_are_counted_not_trained_on(tmp_path):
 ])
 def test_a_malformed_line_stops_with_file_and_line(tmp_path, bad_line, reason):
     path = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(2) + [bad_line] + synthetic_rows(1))
-    with pytest.raises(train.DataError, match=rf"d\.jsonl:3: .*{reason}"):
-        train.load_pairs(path)
+    with pytest.raises(data.DataError, match=rf"d\.jsonl:3: .*{reason}"):
+        data.load_pairs(path)
     counts = {}
-    assert len(train.load_pairs(path, skip_bad_lines=True, counts=counts)) == 3
+    assert len(data.load_pairs(path, skip_bad_lines=True, counts=counts)) == 3
     assert counts == {"malformed line": 1}
 
 
 def test_missing_data_file_is_a_clear_error(tmp_path):
-    with pytest.raises(train.DataError, match="data file not found"):
-        train.load_pairs(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(data.DataError, match="data file not found"):
+        data.load_pairs(str(tmp_path / "nope.jsonl"))
 
 
 def test_truncated_gzip_is_a_clear_error(tmp_path):
     path = tmp_path / "d.jsonl.gz"
     write_jsonl(path, synthetic_rows(200), gz=True)
     path.write_bytes(path.read_bytes()[:-30])
-    with pytest.raises(train.DataError, match="cannot read"):
-        train.load_pairs(str(path))
+    with pytest.raises(data.DataError, match="cannot read"):
+        data.load_pairs(str(path))
 
 
 def test_single_file_gives_a_seeded_disjoint_validation_split(tmp_path):
     config = train.TrainConfig(data=write_jsonl(tmp_path / "d.jsonl", synthetic_rows(30)), val_size=8, num_examples=10)
-    train_pairs, val_pairs = train.split_data(config)
+    train_pairs, val_pairs = train.split_data_of(config)
     assert len(val_pairs) == 8 and len(train_pairs) == 10
     assert not set(train_pairs) & set(val_pairs)
-    assert train.split_data(config) == (train_pairs, val_pairs)
+    assert train.split_data_of(config) == (train_pairs, val_pairs)
     assert train.held_out_pairs(vars(config)) == val_pairs
 
 
@@ -124,8 +126,8 @@ def tokenizer():
 
 def test_prompt_and_responses_are_tokenised_separately(tokenizer):
     """' Hi' after 'Assistant:' must not merge with the prompt's last token (docs/PITFALLS.md 1)."""
-    pair = train.Pair(f"{H} hello{A}", " Hi there", " No")
-    item = train.tokenize_pair(pair, tokenizer, 64, 32)
+    pair = data.Pair(f"{H} hello{A}", " Hi there", " No")
+    item = data.tokenize_pair(pair, tokenizer, 64, 32)
     assert item.prompt_ids == tokenizer(pair.prompt).input_ids
     assert item.chosen_ids == tokenizer(" Hi there").input_ids + [tokenizer.eos_token_id]
     assert item.rejected_ids == tokenizer(" No").input_ids + [tokenizer.eos_token_id]
@@ -133,19 +135,47 @@ def test_prompt_and_responses_are_tokenised_separately(tokenizer):
 
 def test_long_prompts_keep_their_last_tokens_and_responses_their_first(tokenizer):
     prompt = H + " one two three four five six seven eight nine ten" + A
-    pair = train.Pair(prompt, " a b c d e f g h", " x")
+    pair = data.Pair(prompt, " a b c d e f g h", " x")
     prompt_ids = tokenizer(prompt).input_ids
-    item = train.tokenize_pair(pair, tokenizer, max_length=12, max_prompt_length=6)
+    item = data.tokenize_pair(pair, tokenizer, max_length=12, max_prompt_length=6)
     assert item.prompt_ids == prompt_ids[-6:]
     assert item.chosen_ids == tokenizer(" a b c d e f g h").input_ids[:6]   # cut: no EOS, it did not end there
     assert item.rejected_ids == tokenizer(" x").input_ids + [tokenizer.eos_token_id]
 
 
+@settings(max_examples=200, deadline=None)
+@given(prompt_ids=st.lists(st.integers(0, 9), min_size=1, max_size=12), bos=st.booleans(), keep=st.integers(1, 14))
+def test_a_kept_prompt_is_its_bos_and_last_tokens_never_longer_than_asked(prompt_ids, bos, keep):
+    """With a BOS-adding tokenizer and a budget of 1, the old slice [-0:] kept the whole prompt."""
+    ids = ([99] if bos else []) + prompt_ids
+    kept = data.keep_prompt_end(ids, 99, keep)
+    assert len(kept) == min(len(ids), max(keep, int(bos)))
+    rest = kept[1:] if bos else kept
+    assert not bos or kept[0] == 99  # the BOS stays
+    assert rest == ids[len(ids) - len(rest):]  # the end of the dialogue
+
+
+def test_the_cli_reads_any_plain_field_type_or_says_which_it_cannot():
+    @dataclasses.dataclass
+    class Knobs:
+        ratio: float | None = None   # a float or nothing
+        name: str = "x"              # a name
+        on: bool = False             # a switch
+    parsed = train.config_parser(Knobs, "k", "").parse_args(["--ratio", "0.5", "--on"])
+    assert (parsed.ratio, parsed.name, parsed.on) == (0.5, "x", True)
+
+    @dataclasses.dataclass
+    class Odd:
+        sizes: list[int] = dataclasses.field(default_factory=list)  # sizes
+    with pytest.raises(TypeError, match="Odd.sizes: the CLI reads int, float, str, bool"):
+        train.config_parser(Odd, "k", "")
+
+
 def test_eos_is_scored_even_when_pad_equals_eos(tokenizer):
     """GPT-2 pads with EOS; the mask comes from lengths, so the response's EOS still counts (docs/PITFALLS.md 2)."""
     assert tokenizer.pad_token_id in (None, tokenizer.eos_token_id)
-    items = [train.tokenize_pair(train.Pair(f"{H} q{A}", " yes", " no no no no"), tokenizer, 32, 16)]
-    batch = train.collate(items, [0], pad_id=tokenizer.eos_token_id)
+    items = [data.tokenize_pair(data.Pair(f"{H} q{A}", " yes", " no no no no"), tokenizer, 32, 16)]
+    batch = data.collate(items, [0], pad_id=tokenizer.eos_token_id)
     chosen_row = batch.input_ids[0]
     eos_positions = (chosen_row == tokenizer.eos_token_id).nonzero().flatten()
     first_eos = int(eos_positions[0])  # the chosen response's own EOS, padding follows it
@@ -154,8 +184,8 @@ def test_eos_is_scored_even_when_pad_equals_eos(tokenizer):
 
 
 def test_collate_puts_chosen_first_and_masks_only_responses(tokenizer):
-    items = [train.tokenize_pair(train.Pair(f"{H} q{i}{A}", " yes" * (i + 1), " no"), tokenizer, 32, 16) for i in range(3)]
-    batch = train.collate(items, [0, 1, 2], pad_id=0)
+    items = [data.tokenize_pair(data.Pair(f"{H} q{i}{A}", " yes" * (i + 1), " no"), tokenizer, 32, 16) for i in range(3)]
+    batch = data.collate(items, [0, 1, 2], pad_id=0)
     assert batch.input_ids.shape[0] == 6
     for row, item in enumerate(items):
         for offset, response in ((0, item.chosen_ids), (3, item.rejected_ids)):
@@ -180,8 +210,8 @@ def test_learning_rate_schedule_values():
 def test_logps_from_response_hidden_states_equal_full_logits(tokenizer):
     """The fast path (output layer on response positions only) computes the same numbers."""
     model = tiny_gpt2(vocab_size=50257)
-    items = [train.tokenize_pair(train.Pair(f"{H} q {i}{A}", " yes" * (i + 1), " no"), tokenizer, 32, 16) for i in range(3)]
-    batch = train.collate(items, [0, 1, 2], pad_id=tokenizer.eos_token_id)
+    items = [data.tokenize_pair(data.Pair(f"{H} q {i}{A}", " yes" * (i + 1), " no"), tokenizer, 32, 16) for i in range(3)]
+    batch = data.collate(items, [0, 1, 2], pad_id=tokenizer.eos_token_id)
     with torch.no_grad():
         fast = train.batch_logps(model, batch)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -195,9 +225,9 @@ def test_loaded_model_has_no_dropout_so_policy_equals_reference_at_step_zero(tin
     model, _ = train.load_model_and_tokenizer(tiny_gpt2_dir, "float32")
     lora.add_lora(model, lora.LoRAConfig(r=4, dropout=0.0))
     model.train()
-    items = [train.tokenize_pair(p, tokenizer, 48, 24) for p in train.records_to_pairs(
+    items = [data.tokenize_pair(p, tokenizer, 48, 24) for p in data.records_to_pairs(
         enumerate(synthetic_rows(4), 1), "x", False, {})]
-    batch = train.collate(items, list(range(4)), tokenizer.eos_token_id)
+    batch = data.collate(items, list(range(4)), tokenizer.eos_token_id)
     config = train.TrainConfig(beta=0.1)
     result = train.compute_loss(model, batch, train.ReferenceCache(4), config)
     assert torch.equal(result.losses, torch.full((4,), math.log(2)))
@@ -207,9 +237,9 @@ def test_loaded_model_has_no_dropout_so_policy_equals_reference_at_step_zero(tin
 def test_one_training_step_lowers_the_loss_on_a_fixed_batch(tiny_gpt2_dir, tokenizer):
     model, _ = train.load_model_and_tokenizer(tiny_gpt2_dir, "float32")
     lora.add_lora(model, lora.LoRAConfig(r=4))
-    items = [train.tokenize_pair(p, tokenizer, 48, 24) for p in train.records_to_pairs(
+    items = [data.tokenize_pair(p, tokenizer, 48, 24) for p in data.records_to_pairs(
         enumerate(synthetic_rows(4), 1), "x", False, {})]
-    batch = train.collate(items, list(range(4)), tokenizer.eos_token_id)
+    batch = data.collate(items, list(range(4)), tokenizer.eos_token_id)
     config, reference = train.TrainConfig(beta=0.1), train.ReferenceCache(4)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
@@ -247,7 +277,9 @@ def test_training_learns_and_writes_loadable_checkpoints(tmp_path, tiny_gpt2_dir
     assert rows[0] == {**rows[0], "step": 0, "split": "val", "loss": pytest.approx(math.log(2)), "reward_accuracy": 0.5}
 
 
-RESUME_SETTINGS = dict(epochs=2, lora_dropout=0.1, grad_accum=2, warmup_steps=2, eval_every=3, checkpoint_every=2)
+# --max-steps 7 sets the cosine schedule's length (8 steps of data): a bare --resume must keep it.
+RESUME_SETTINGS = dict(epochs=2, max_steps=7, lora_dropout=0.1, grad_accum=2, warmup_steps=2, eval_every=3,
+                       checkpoint_every=2)
 UNINTERRUPTED = {}  # the run never stopped, trained once for all the examples below
 
 
@@ -267,13 +299,13 @@ def stop_at(step, monkeypatch):
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(stop_step=st.integers(1, 7))
+@given(stop_step=st.integers(1, 6))
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path_factory, tiny_gpt2_dir, stop_step):
     """Stopped at any step (warmup or cosine decay, LoRA dropout on, 2 micro-batches a step), then
     continued with a bare --resume: the same rows and bit-identical adapters as a run never stopped."""
     data_dir = tmp_path_factory.getbasetemp() / "resume-data"
     data_dir.mkdir(exist_ok=True)
-    data = write_jsonl(data_dir / "d.jsonl", synthetic_rows(20))  # 16 train pairs: 4 steps an epoch, 8 in all
+    data = write_jsonl(data_dir / "d.jsonl", synthetic_rows(20))  # 16 train pairs: 4 steps an epoch
     if "a" not in UNINTERRUPTED:
         run = tmp_path_factory.mktemp("uninterrupted")
         UNINTERRUPTED.update(a=train.train(tiny_config(data, tiny_gpt2_dir, run, **RESUME_SETTINGS)), rows=run_rows(run),
@@ -284,7 +316,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path_factory, 
         stopped = train.train(tiny_config(data, tiny_gpt2_dir, run, **RESUME_SETTINGS))
     assert stopped["interrupted"] and stopped["step"] == stop_step
     assert train.main(["--resume", str(run / "last.pt"), "--no-progress"]) == 0
-    assert run_rows(run) == UNINTERRUPTED["rows"] and UNINTERRUPTED["a"]["step"] == 8
+    assert run_rows(run) == UNINTERRUPTED["rows"] and UNINTERRUPTED["a"]["step"] == 7
     adapters = torch.load(run / "last.pt", weights_only=True)["adapters"]
     assert all(torch.equal(adapters[k], UNINTERRUPTED["adapters"][k]) for k in adapters)
 
@@ -335,7 +367,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(tiny_gpt
     with torch.no_grad():
         for _, layer in lora.lora_layers(model):
             layer.lora_B.normal_(std=0.1)  # policy != reference, so the gradient is not trivial
-    items = [train.tokenize_pair(p, tokenizer, 48, 24) for p in train.records_to_pairs(
+    items = [data.tokenize_pair(p, tokenizer, 48, 24) for p in data.records_to_pairs(
         enumerate(synthetic_rows(4), 1), "x", False, {})]
     config, reference = train.TrainConfig(beta=0.1), train.ReferenceCache(4)
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -344,7 +376,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(tiny_gpt
         for p in parameters:
             p.grad = None
         for index in index_groups:
-            batch = train.collate([items[i] for i in index], index, tokenizer.eos_token_id)
+            batch = data.collate([items[i] for i in index], index, tokenizer.eos_token_id)
             (train.compute_loss(model, batch, reference, config).losses.mean() / len(index_groups)).backward()
         return [p.grad.clone() for p in parameters]
 
@@ -370,7 +402,7 @@ def test_resume_keeps_the_runs_settings_and_folder_unless_told_otherwise():
 def test_hub_defaults_fall_back_to_the_bundled_files_when_the_hub_cannot_be_reached(monkeypatch, capsys):
     monkeypatch.setattr(train, "hub_unreachable_reason", lambda: "HF_HUB_OFFLINE is set")
     offline = train.with_offline_fallbacks(train.TrainConfig())
-    assert offline.data == train.BUNDLED_DATA and offline.model.endswith(".gguf") and offline.model == train.bundled_model()
+    assert offline.data == data.BUNDLED_DATA and offline.model.endswith(".gguf") and offline.model == train.bundled_model()
     line = capsys.readouterr().err
     assert line.count("\n") == 1 and "cannot be reached (HF_HUB_OFFLINE is set)" in line and "Gemma 3 270M" in line
     # only what was left at its Hub default is replaced
@@ -385,7 +417,7 @@ def test_hub_defaults_fall_back_to_the_bundled_files_when_the_hub_cannot_be_reac
 
 def test_the_bundled_data_is_real_hh_rlhf_read_like_any_local_file():
     counts = {}
-    pairs = train.load_pairs(train.BUNDLED_DATA, counts=counts)
+    pairs = data.load_pairs(data.BUNDLED_DATA, counts=counts)
     assert len(pairs) + sum(counts.values()) == 2000 and len(pairs) > 1900
     assert all(p.prompt.startswith("\n\nHuman:") and p.prompt.endswith(A) for p in pairs)
 
@@ -419,8 +451,8 @@ def test_hub_failures_are_one_line_naming_what_to_do(monkeypatch):
     def cut_off(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'Anthropic/hh-rlhf' on the Hub (LocalEntryNotFoundError)\nmore\nlines")
     monkeypatch.setattr(datasets, "load_dataset", cut_off)
-    with pytest.raises(train.DataError) as error:
-        train.load_pairs(train.HUB_DATASET)
+    with pytest.raises(data.DataError) as error:
+        data.load_pairs(data.HUB_DATASET)
     assert "\n" not in str(error.value) and "ConnectionError: Couldn't reach" in str(error.value) and "--data FILE" in str(error.value)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # transformers itself fails to fetch gpt2: no mock
     with pytest.raises(FileNotFoundError) as error:
@@ -430,7 +462,7 @@ def test_hub_failures_are_one_line_naming_what_to_do(monkeypatch):
 
 def test_checkpoints_that_wrote_none_for_the_hub_still_load():
     old = {**vars(train.TrainConfig()), "data": None}
-    assert train.config_from_dict(old).data == train.HUB_DATASET
+    assert train.config_from_dict(old).data == data.HUB_DATASET
 
 
 # ----- logs cut by a kill --------------------------------------------------------------------

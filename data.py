@@ -1,0 +1,274 @@
+"""Preference data: HH-RLHF records -> (prompt, chosen, rejected) -> token ids -> batches.
+
+Knows nothing of models, losses or training: its functions take plain arguments (paths,
+sizes, a tokenizer) and give plain things back, as the DPO authors keep
+preference_datasets.py beside trainers.py. The traps it avoids (docs/PITFALLS.md 1, 2, 4, 11)
+are each pinned by a test in tests/test_train.py.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+ASSISTANT = "\n\nAssistant:"      # an HH-RLHF prompt ends at the last one
+HUB_DATASET = "Anthropic/hh-rlhf"  # the default data, from the Hugging Face Hub
+# The stand-in when the Hub cannot be reached: 2,000 real HH-RLHF pairs of the Hub's test
+# split, shipped in data/ (see data/README.md).
+BUNDLED_DATA = str(Path(__file__).resolve().parent / "data" / "hh-rlhf-harmless-base.jsonl.gz")
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file and line."""
+
+
+def count(counts: dict, reason: str) -> None:
+    """One more pair (or line) dropped for this reason."""
+    counts[reason] = counts.get(reason, 0) + 1
+
+
+# ---------------------------------------------------------------------------------------
+# Records -> (prompt, chosen, rejected)
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str    # the dialogue up to and including the last "\n\nAssistant:"
+    chosen: str    # y_w, the answer people preferred
+    rejected: str  # y_l
+
+
+def split_prompt(chosen: str, rejected: str) -> Pair | str:
+    """Split an HH-RLHF record into prompt and two responses, or say why it is dropped.
+
+    The prompt ends at the *last* "\\n\\nAssistant:" (not at a longest common prefix, which
+    can run on into words both answers share; docs/PITFALLS.md 1).
+    """
+    cut = chosen.rfind(ASSISTANT)
+    if cut < 0:
+        return "no Assistant turn"
+    prompt = chosen[:cut + len(ASSISTANT)]
+    if not rejected.startswith(prompt) or ASSISTANT in rejected[len(prompt):]:
+        return "prompts differ"
+    chosen_response, rejected_response = chosen[len(prompt):], rejected[len(prompt):]
+    if not chosen_response.strip() or not rejected_response.strip():
+        return "empty response"
+    if chosen_response == rejected_response:
+        return "identical responses"
+    return Pair(prompt, chosen_response, rejected_response)
+
+
+def bad_line(message: str, skip_bad_lines: bool, counts: dict) -> None:
+    """Stop with file:line and the reason, or (--skip-bad-lines) count the line as dropped."""
+    if not skip_bad_lines:
+        raise DataError(message)
+    count(counts, "malformed line")
+
+
+def read_jsonl(path: str, skip_bad_lines: bool, counts: dict) -> Iterator[tuple[int, dict]]:
+    """(line number, record) from a .jsonl or .jsonl.gz file; bad lines stop with file:line."""
+    if not os.path.isfile(path):
+        raise DataError(f"data file not found: {path}")
+    opener = gzip.open if path.endswith(".gz") else open
+    line_no = 0
+    try:
+        with opener(path, "rb") as lines:
+            for line_no, raw in enumerate(lines, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                    if not isinstance(record, dict):
+                        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+                except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError; absurd nesting
+                    bad_line(f"{path}:{line_no}: malformed line ({error})", skip_bad_lines, counts)
+                    continue
+                yield line_no, record
+    except (OSError, EOFError) as error:  # truncated or corrupt gzip
+        raise DataError(f"{path}:{line_no + 1}: cannot read ({error})") from None
+
+
+def records_to_pairs(records: Iterable[tuple[int, dict]], source: str, skip_bad_lines: bool,
+                     counts: dict) -> list[Pair]:
+    """The one path every record takes, from a local file or from the Hub."""
+    pairs = []
+    for line_no, record in records:
+        chosen, rejected = record.get("chosen"), record.get("rejected")
+        reason = None
+        if not isinstance(chosen, str) or not isinstance(rejected, str):
+            reason = "'chosen' and 'rejected' must be strings"
+        elif not is_valid_text(chosen + rejected):
+            reason = "text is not valid Unicode (a lone surrogate escape)"
+        if reason is not None:
+            bad_line(f"{source}:{line_no}: malformed record ({reason})", skip_bad_lines, counts)
+            continue
+        pair = split_prompt(chosen, rejected)
+        if isinstance(pair, str):
+            count(counts, pair)
+        else:
+            pairs.append(pair)
+    return pairs
+
+
+def is_valid_text(text: str) -> bool:
+    """JSON may escape lone surrogates ("\\ud800") that no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def load_pairs(data: str, hub_subset: str = "harmless-base", split: str = "train",
+               skip_bad_lines: bool = False, counts: dict | None = None) -> list[Pair]:
+    """Pairs from a local .jsonl(.gz) file, or (data = "Anthropic/hh-rlhf") from the Hub."""
+    counts = {} if counts is None else counts
+    if data != HUB_DATASET:
+        return records_to_pairs(read_jsonl(data, skip_bad_lines, counts), data, skip_bad_lines, counts)
+    import datasets  # the Hub path only
+    try:
+        hub = datasets.load_dataset(HUB_DATASET, data_dir=hub_subset, split=split)
+    except Exception as error:  # no network, a cut download, a bad subset: one line, never a traceback
+        raise DataError(f"cannot load {HUB_DATASET} ({hub_subset}, {split}) from the Hub: {one_line(error)}; "
+                        f"pass --data FILE to train on a local file") from None
+    return records_to_pairs(enumerate(hub, 1), f"{HUB_DATASET}/{hub_subset}/{split}", skip_bad_lines, counts)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as a few words a user can read: its type and its message's first line."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def split_data(data: str, hub_subset: str = "harmless-base", val_size: int = 200, seed: int = 0,
+               num_examples: int = 0, skip_bad_lines: bool = False,
+               counts: dict | None = None) -> tuple[list[Pair], list[Pair]]:
+    """(train, validation). One local file: a seeded held-out split of val_size pairs. The Hub:
+    its train split, and val_size pairs of its test split. num_examples: the first N training
+    pairs only; 0 = all."""
+    counts = {} if counts is None else counts
+    if data != HUB_DATASET:
+        pairs = load_pairs(data, skip_bad_lines=skip_bad_lines, counts=counts)
+        random.Random(seed).shuffle(pairs)
+        if len(pairs) <= val_size:
+            raise DataError(f"{data}: {len(pairs)} usable pairs, not enough for {val_size} validation pairs")
+        validation, train_pairs = pairs[:val_size], pairs[val_size:]
+    else:
+        train_pairs = load_pairs(HUB_DATASET, hub_subset, "train", skip_bad_lines, counts)
+        validation = load_pairs(HUB_DATASET, hub_subset, "test", skip_bad_lines, counts)
+        random.Random(seed).shuffle(validation)
+        validation = validation[:val_size]
+    if num_examples:
+        train_pairs = train_pairs[:num_examples]
+    return train_pairs, validation
+
+
+# ---------------------------------------------------------------------------------------
+# Pairs -> token ids -> batches, and the order of batches
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+def keep_prompt_end(prompt_ids: list[int], bos_token_id: int | None, max_prompt_length: int) -> list[int]:
+    """The prompt's BOS (if the tokenizer adds one) and its last tokens: the turns that matter.
+    At most max_prompt_length ids in all, the BOS included."""
+    bos = prompt_ids[:1] if prompt_ids and prompt_ids[0] == bos_token_id else []
+    rest, keep = prompt_ids[len(bos):], max(0, max_prompt_length - len(bos))
+    return bos + rest[max(0, len(rest) - keep):]  # not rest[-keep:]: at keep = 0 that is all of it
+
+
+def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int) -> TokenizedPair | str:
+    """Token ids of prompt and responses, tokenised *separately* (docs/PITFALLS.md 1), or a drop reason.
+
+    The prompt keeps its last max_prompt_length tokens (the turns that matter, docs/PITFALLS.md 11)
+    and its BOS if the tokenizer adds one; responses get EOS (docs/PITFALLS.md 2) and keep their
+    start. A response cut by max_length loses its EOS: it did not end there.
+    """
+    prompt_ids = keep_prompt_end(tokenizer(pair.prompt).input_ids, tokenizer.bos_token_id, max_prompt_length)
+    budget = max_length - len(prompt_ids)
+    eos = [tokenizer.eos_token_id]
+    chosen_ids = (tokenizer(pair.chosen, add_special_tokens=False).input_ids + eos)[:budget]
+    rejected_ids = (tokenizer(pair.rejected, add_special_tokens=False).input_ids + eos)[:budget]
+    if budget <= 0 or not chosen_ids or not rejected_ids:
+        return "no response token left after truncation"
+    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids)
+
+
+def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int, max_prompt_length: int,
+                   counts: dict) -> list[TokenizedPair]:
+    """The pairs that keep a response token after truncation; the others are counted as dropped."""
+    tokenized = []
+    for pair in pairs:
+        item = tokenize_pair(pair, tokenizer, max_length, max_prompt_length)
+        if isinstance(item, str):
+            count(counts, item)
+        else:
+            tokenized.append(item)
+    return tokenized
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor       # (2B, T): B chosen sequences, then their B rejected ones
+    attention_mask: Tensor  # (2B, T): 1 on prompt and response, 0 on padding
+    response_mask: Tensor   # (2B, T): True on response tokens only (EOS included)
+    index: Tensor           # (B,): which pairs, for the reference cache
+
+
+def collate(items: list[TokenizedPair], index: list[int], pad_id: int) -> Batch:
+    """Right-padded (docs/PITFALLS.md 4): positions start at 0 in every row, as GPT-2's absolute
+    position embeddings expect. Padding is found from lengths, never by comparing ids with
+    pad_id, which may equal EOS (docs/PITFALLS.md 2)."""
+    sequences = [(it.prompt_ids, it.chosen_ids) for it in items] + [(it.prompt_ids, it.rejected_ids) for it in items]
+    width = max(len(p) + len(r) for p, r in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    response_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, (prompt, response) in enumerate(sequences):
+        n = len(prompt) + len(response)
+        input_ids[row, :n] = torch.tensor(prompt + response)
+        attention_mask[row, :n] = 1
+        response_mask[row, len(prompt):n] = True
+    return Batch(input_ids, attention_mask, response_mask, torch.tensor(index))
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return Batch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.response_mask.to(device), batch.index)
+
+
+def padded_length(item: TokenizedPair) -> int:
+    """The width the pair's longer sequence needs in a batch."""
+    return len(item.prompt_ids) + max(len(item.chosen_ids), len(item.rejected_ids))
+
+
+def epoch_batches(items: list[TokenizedPair], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch as lists of pair indices: a seeded shuffle, then pairs of similar
+    length grouped into a batch (less padding), then the batches shuffled. A function of
+    (seed, epoch) only, so a resumed run sees the same order.
+
+    Every batch is whole: the len(items) % batch_size pairs that would make a short batch are
+    left out of this epoch, chosen by the shuffle before any grouping. (A short batch would get
+    a whole batch's weight, and under torchrun leave some ranks with nothing to train on.)
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    order = order[:len(order) - len(order) % batch_size]
+    window = batch_size * 16  # sort within windows, so batches still mix the data
+    order = [i for start in range(0, len(order), window)
+             for i in sorted(order[start:start + window], key=lambda i: padded_length(items[i]))]
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
