@@ -454,7 +454,9 @@ def test_hub_failures_are_one_line_naming_what_to_do(monkeypatch):
     with pytest.raises(data.DataError) as error:
         data.load_pairs(data.HUB_DATASET)
     assert "\n" not in str(error.value) and "ConnectionError: Couldn't reach" in str(error.value) and "--data FILE" in str(error.value)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # transformers itself fails to fetch gpt2: no mock
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import: the env var alone is too late
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # transformers itself fails to fetch the model: no mock
     with pytest.raises(FileNotFoundError) as error:
         train.load_model_and_tokenizer("gpt2-not-in-any-cache")
     assert "\n" not in str(error.value) and "pass --model a local folder or .gguf file" in str(error.value)
