@@ -586,9 +586,8 @@ class Run:
         return data.to_device(data.collate([self.train_items[i] for i in index], index, self.pad_id), self.device)
 
 
-def build_run(config: TrainConfig) -> Run:
+def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.device) -> Run:
     """Settings, data, model with adapters, optimizer: everything before the first step."""
-    rank, world_size, device = setup_distributed()
     run_dir = Path(config.checkpoint_dir)
     if not config.resume:
         refuse_used_folder(run_dir)
@@ -632,14 +631,15 @@ def build_run(config: TrainConfig) -> Run:
                ReferenceCache(len(val_items)), batches_per_epoch, total_steps)
 
 
-def checkpoint(run: Run, state: RunState, resumable: bool) -> dict:
-    """best.pt: what judge.py needs. last.pt (resumable): also all that --resume needs to continue exactly."""
+def checkpoint(run: Run, state: RunState, rng: list[dict] | None = None) -> dict:
+    """best.pt: what judge.py needs. last.pt (given every rank's random state, rng): also all that
+    --resume needs to continue exactly."""
     payload = {"format": CHECKPOINT_FORMAT, "base_model": run.config.model, "lora": lora.lora_config_dict(run.lora_config),
                "adapters": lora.adapter_state_dict(run.model), "config": dataclasses.asdict(run.config),
                "step": state.step, "val_metrics": state.val_metrics}
-    if resumable:
+    if rng is not None:
         payload.update(state=dataclasses.asdict(state), optimizer=run.optimizer.state_dict(),
-                       rng=rng_states(run.world_size, run.device), total_steps=run.total_steps,
+                       rng=rng, total_steps=run.total_steps,
                        world_size=run.world_size, train_reference=run.train_reference.values,
                        val_reference=run.val_reference.values)
     return payload
@@ -653,7 +653,7 @@ def validate(run: Run, state: RunState, metrics_file, say) -> None:
     write_metrics(metrics_file, {"step": state.step, "split": "val", **metrics})
     say(f"step {state.step} validation: {format_metrics(metrics)}")
     if state.observe(metrics, run.config.early_stop_patience):
-        save_atomic(checkpoint(run, state, resumable=False), run.run_dir / "best.pt")
+        save_atomic(checkpoint(run, state), run.run_dir / "best.pt")
     if state.stopped_early:
         say(f"early stop: {state.evals_without_improvement} validations without a lower loss")
 
@@ -708,10 +708,10 @@ def train(config: TrainConfig) -> dict:
     """
     if config.threads:
         torch.set_num_threads(config.threads)
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    rank, world_size, device = setup_distributed()
     resumed = load_resumable(config.resume) if config.resume else None
-    config = config_for_resume(config, resumed) if resumed else with_offline_fallbacks(config, announce=is_main)
-    run = build_run(config)
+    config = config_for_resume(config, resumed) if resumed else with_offline_fallbacks(config, announce=rank == 0)
+    run = build_run(config, rank, world_size, device)
     state = RunState() if resumed is None else restore(run, resumed)
 
     stop_requested = []  # Ctrl-C or SIGTERM: finish the current step, save, stop
@@ -745,9 +745,9 @@ def train(config: TrainConfig) -> dict:
             interrupted = any_rank(bool(stop_requested), run.world_size, run.device)
             if (state.step % config.checkpoint_every == 0 or state.step == run.total_steps or state.stopped_early
                     or interrupted):
-                payload = checkpoint(run, state, resumable=True)  # every rank: each gives its random state
+                rng = rng_states(run.world_size, run.device)  # every rank gives its own
                 if run.is_main:
-                    save_atomic(payload, run.run_dir / "last.pt")
+                    save_atomic(checkpoint(run, state, rng), run.run_dir / "last.pt")
     finally:
         progress.close()
         if metrics_file is not None:
@@ -840,7 +840,7 @@ def run_train(model_name: str = HUB_MODEL, dataset: str = HUB_DATASET, num_examp
       lr                   the seed's 1e-6 is a full fine-tuning rate; LoRA adapters barely move with
                            it, so the default is TrainConfig's (chosen by measurement).
       early_stop_patience  counted in validations (every `eval_every` steps), not in steps.
-      dataset              "Anthropic/hh-rlhf" (its `data_dir` subset, harmless-base by default) or a
+      dataset              "Anthropic/hh-rlhf" (its `hub_subset`, harmless-base by default) or a
                            local .jsonl/.jsonl.gz file of the same format.
     Any other TrainConfig field can be passed by name (e.g. eval_every=50, max_steps=100).
     """
