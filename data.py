@@ -244,6 +244,15 @@ def collate(items: list[TokenizedPair], index: list[int], pad_id: int) -> Batch:
     return Batch(input_ids, attention_mask, response_mask, torch.tensor(index))
 
 
+def chosen_rows(batch: Batch) -> Batch:
+    """The chosen sequences of a collated batch (its first half), without the columns only the
+    rejected ones needed: what the supervised stage trains on."""
+    half = batch.input_ids.shape[0] // 2
+    width = int(batch.attention_mask[:half].sum(-1).max())  # right-padded: the longest chosen row
+    return Batch(batch.input_ids[:half, :width], batch.attention_mask[:half, :width],
+                 batch.response_mask[:half, :width], batch.index)
+
+
 def to_device(batch: Batch, device: torch.device) -> Batch:
     return Batch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.response_mask.to(device), batch.index)
 

@@ -4,11 +4,13 @@ Paper: Rafailov et al. 2023, "Direct Preference Optimization: Your Language Mode
 Secretly a Reward Model", arXiv 2305.18290. Equation numbers below are that paper's
 unless another paper is named.
 
-Two ideas live here:
+Three ideas live here:
   1. log pi(y|x): the *sum* of next-token log-probabilities over the response tokens only
      (prompt and padding masked out), computed in fp32.
   2. The DPO loss on four such numbers per pair (policy/reference x chosen/rejected),
      with its two published variants, conservative DPO and IPO.
+  3. The supervised loss that makes a reference when there is no SFT model to start from:
+     the likelihood of the preferred answers (Section 4).
 """
 from __future__ import annotations
 
@@ -133,6 +135,11 @@ class PreferenceLoss(NamedTuple):
     rejected_rewards: Tensor  # r(x, y_l) = beta * log pi(y_l|x) / ref(y_l|x)
 
     @property
+    def loss(self) -> Tensor:
+        """The scalar to minimise: the mean over pairs."""
+        return self.losses.mean()
+
+    @property
     def margins(self) -> Tensor:
         """r(x, y_w) - r(x, y_l): how far the policy prefers the chosen answer."""
         return self.chosen_rewards - self.rejected_rewards
@@ -206,3 +213,38 @@ def dpo_loss(
     chosen_rewards = beta * chosen_logratios.detach()      # Eq. 5 without the beta*log Z(x) term,
     rejected_rewards = beta * rejected_logratios.detach()  # which cancels in every comparison
     return PreferenceLoss(losses, chosen_rewards, rejected_rewards)
+
+
+# ---------------------------------------------------------------------------------------
+# 3. The supervised stage: a reference made from the preferred answers
+# ---------------------------------------------------------------------------------------
+
+class SupervisedLoss(NamedTuple):
+    """Per-sequence negative log-likelihoods and token counts of a batch. All (B,)."""
+    nll: Tensor    # -log pi(y_w|x), summed over the response tokens
+    count: Tensor  # response tokens of each sequence
+
+    @property
+    def loss(self) -> Tensor:
+        """The mean per token over the batch: sum of nll / sum of count (so a long answer
+        weighs by its tokens, as in any language-model loss); exp(loss) is the perplexity."""
+        return self.nll.sum() / self.count.sum().clamp(min=1)
+
+    @staticmethod
+    def concatenate(parts: "list[SupervisedLoss]") -> "SupervisedLoss":
+        return SupervisedLoss(*(torch.cat(field) for field in zip(*parts)))
+
+
+def sft_loss(chosen_logps: SequenceLogps) -> SupervisedLoss:
+    """The supervised (SFT) stage that the paper runs before DPO when no SFT model exists
+    (Section 4, "DPO outline": the reference is initialised by maximising the likelihood of
+    the preferred completions; Section 6 does this for Anthropic HH):
+
+        pi_ref = argmax_pi  E_(x, y_w) ~ D [ log pi(y_w | x) ]
+        L_SFT  = - sum_i log pi(y_w,i | x_i) / sum_i |y_w,i|      (mean per response token)
+
+    chosen_logps: the masked log-probs of the chosen sequences only, as DPO computes them.
+    Without it the reference is a base model whose own answers look nothing like the data's,
+    and DPO's implicit reward is measured from there.
+    """
+    return SupervisedLoss(-chosen_logps.sum, chosen_logps.count)

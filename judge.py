@@ -6,9 +6,10 @@
 Three steps, as in the DPO paper's evaluation (Rafailov et al. 2023, arXiv 2305.18290,
 Section 6), with a small local judge in the place of GPT-4:
 
-  1. Answers. On held-out prompts of the run, the DPO model (adapters merged into the
-     weights) and the base model (the same network with its adapters off: no second copy)
-     each sample one answer.
+  1. Answers. On held-out prompts of the run, the base model, then (with the checkpoint's
+     adapters added to that same network: no second copy) the DPO model (adapters merged
+     into the weights) each sample one answer; after an SFT stage, the SFT model too (DPO's
+     reference: adapters off), as the paper compares DPO with it.
   2. Verdicts. The judge reads the conversation and two answers, A and B, and we read its
      next-token probabilities of "A" and "B" (one forward pass, no text parsing),
      renormalised over the two:
@@ -384,12 +385,31 @@ def add_missing_answers(name: str, model, tokenizer, prompts: list[str], config:
                         "answer": answer})
 
 
-def answer_with_both_models(model, tokenizer, prompts: list[str], config: JudgeConfig, judgements: JudgementLog) -> None:
-    """Log the answers of the base model (adapters off) and the DPO model (adapters merged) the log lacks."""
-    with lora.adapters_disabled(model):  # the base model: the same network, no second copy
-        add_missing_answers("base", model, tokenizer, prompts, config, judgements)
+def policy_name(checkpoint: dict) -> str:
+    """What the checkpoint's adapters make of the base model: the DPO model, or an SFT run's SFT model."""
+    return "sft" if checkpoint["config"].get("loss_type") == "sft" else "dpo"
+
+
+def model_names(checkpoint: dict) -> list[str]:
+    """The models whose answers are judged: base, the SFT model of an SFT stage, the policy."""
+    return ["base", *(["sft"] if "sft" in checkpoint else []), policy_name(checkpoint)]
+
+
+def answer_with_every_model(model, tokenizer, checkpoint: dict, prompts: list[str], config: JudgeConfig,
+                            judgements: JudgementLog) -> None:
+    """Log the answers the log lacks of each of model_names(checkpoint), all from one network.
+
+    model: the checkpoint's base model, bare; it answers first, then gets the checkpoint's
+    adapters (train.add_trained_adapters: an SFT stage folded into the weights, DPO's adapters
+    on top) and so turns into the SFT model (adapters off) and the policy (adapters merged).
+    """
+    add_missing_answers("base", model, tokenizer, prompts, config, judgements)
+    train.add_trained_adapters(model, checkpoint)
+    if "sft" in checkpoint:
+        with lora.adapters_disabled(model):  # DPO's reference: the SFT model
+            add_missing_answers("sft", model, tokenizer, prompts, config, judgements)
     with lora.adapters_merged(model):  # W0 + (alpha/r) B A once: one matmul per layer while generating
-        add_missing_answers("dpo", model, tokenizer, prompts, config, judgements)
+        add_missing_answers(policy_name(checkpoint), model, tokenizer, prompts, config, judgements)
 
 
 def judge_comparison(judge: Judge, comparison: str, items: list[tuple[int, str, str, str]], judgements: JudgementLog,
@@ -447,6 +467,8 @@ class ComparisonResult:
     position_consistency: float | None    # share of judge-called pairs whose two orders pick the same answer
     longer_preferred: float | None        # share of decisive pairs (lengths differing) won by the longer answer
     x_longer: float | None                # share of pairs (lengths differing) where X is the longer answer
+    x_mean_chars: float                   # mean length of X's answers, in characters (DPO tends to lengthen them)
+    y_mean_chars: float
 
     @property
     def significant(self) -> bool:
@@ -465,7 +487,8 @@ def summarise(comparison: str, records: list[dict], tie_margin: float) -> Compar
     longer_won = [(result == "win") == (x > y) for x, y, result in lengths if x != y and result != "tie"]
     return ComparisonResult(comparison, len(records), wins, losses, ties, share(wins, wins + losses),
                             *wilson_interval(wins, wins + losses), share(consistent, len(judged)),
-                            share(sum(longer_won), len(longer_won)), share(sum(x_longer), len(x_longer)))
+                            share(sum(longer_won), len(longer_won)), share(sum(x_longer), len(x_longer)),
+                            *(sum(length[side] for length in lengths) / max(1, len(lengths)) for side in (0, 1)))
 
 
 @dataclass(frozen=True)
@@ -480,7 +503,10 @@ class Comparison:
 
 COMPARISONS = {
     "dpo_vs_base": Comparison("DPO model", "base model", "DPO", "Base", "DPO win rate", "the DPO answer"),
+    "dpo_vs_sft": Comparison("DPO model", "SFT model", "DPO", "SFT", "DPO win rate", "the DPO answer"),
     "dpo_vs_dataset": Comparison("DPO model", "dataset answers", "DPO", "Dataset", "DPO win rate", "the DPO answer"),
+    "sft_vs_base": Comparison("SFT model", "base model", "SFT", "Base", "SFT win rate", "the SFT answer"),
+    "sft_vs_dataset": Comparison("SFT model", "dataset answers", "SFT", "Dataset", "SFT win rate", "the SFT answer"),
     "sanity": Comparison("human-chosen answers", "human-rejected answers", "Chosen", "Rejected",
                          "Judge agreement with people", "the human-chosen answer"),
 }
@@ -506,6 +532,8 @@ def format_result(result: ComparisonResult) -> str:
         f"Position consistency (both orders pick the same answer): {percent(result.position_consistency)}",
         f"Judge prefers the longer answer in {percent(result.longer_preferred)} of decisive pairs "
         f"({labels.x_answer} is the longer in {percent(result.x_longer)} of pairs)",
+        f"Mean answer length: {labels.x_label} {result.x_mean_chars:.0f} characters, {labels.y_label} "
+        f"{result.y_mean_chars:.0f}",
     ])
 
 
@@ -530,18 +558,19 @@ def report(results: dict[str, ComparisonResult]) -> str:
     return "\n\n".join([*(format_result(result) for result in results.values()), trust_line(results.get("sanity"))])
 
 
-def logged_answers(checkpoint: dict, prompts: list[str], config: JudgeConfig, judgements: JudgementLog) -> tuple[list[str], list[str]]:
-    """(DPO answers, base answers) from the log; the policy is loaded only if the log lacks some."""
-    if any(judgements.find("answer", name, i, prompt) is None for name in ("base", "dpo") for i, prompt in enumerate(prompts)):
-        model, tokenizer = train.load_policy(checkpoint, verbose=config.verbose)
-        answer_with_both_models(model, tokenizer, prompts, config, judgements)
-    dpo_answers, base_answers = ([judgements.find("answer", name, i, prompt)["answer"] for i, prompt in enumerate(prompts)]
-                                 for name in ("dpo", "base"))
-    return dpo_answers, base_answers
+def logged_answers(checkpoint: dict, prompts: list[str], config: JudgeConfig, judgements: JudgementLog) -> dict[str, list[str]]:
+    """{model name: its answers} from the log; the model is loaded only if the log lacks some."""
+    names = model_names(checkpoint)
+    if any(judgements.find("answer", name, i, prompt) is None for name in names for i, prompt in enumerate(prompts)):
+        model, tokenizer = train.load_model_and_tokenizer(checkpoint["base_model"], verbose=config.verbose)
+        answer_with_every_model(model, tokenizer, checkpoint, prompts, config, judgements)
+    return {name: [judgements.find("answer", name, i, prompt)["answer"] for i, prompt in enumerate(prompts)]
+            for name in names}
 
 
 def evaluate(config: JudgeConfig, judge: Judge | None = None) -> dict[str, ComparisonResult]:
-    """Answer, judge and summarise; results by comparison name (dpo_vs_base, dpo_vs_dataset, sanity).
+    """Answer, judge and summarise; results by comparison name: dpo_vs_base, dpo_vs_sft (after an SFT
+    stage), dpo_vs_dataset, sanity (sft_vs_base and sft_vs_dataset for an SFT run's checkpoint).
 
     What a user can get wrong is checked before any model loads: the checkpoint, the held-out
     pair counts, the judge file and the log. Then the judge loads (a bad GGUF fails
@@ -561,12 +590,14 @@ def evaluate(config: JudgeConfig, judge: Judge | None = None) -> dict[str, Compa
             judge = stack.enter_context(contextlib.closing(LlamaJudge(
                 judge_file, config.judge_context, config.judge_max_chars, config.judge_threads, verbose=config.verbose)))
         questions = pairs[:config.num_test_questions]
-        dpo_answers, base_answers = logged_answers(checkpoint, [pair.prompt for pair in questions], config, judgements)
+        answers = logged_answers(checkpoint, [pair.prompt for pair in questions], config, judgements)
+        answers["dataset"] = [pair.chosen for pair in questions]
+        policy = policy_name(checkpoint)
+        compared = [(policy, "base"), *([("dpo", "sft")] if "sft" in checkpoint else []), (policy, "dataset")]
         items = {  # (prompt_id, prompt, answer X, answer Y): X is the side whose win rate is reported
-            "dpo_vs_base": [(i, pair.prompt, dpo_answers[i], base_answers[i]) for i, pair in enumerate(questions)],
-            "dpo_vs_dataset": [(i, pair.prompt, dpo_answers[i], pair.chosen) for i, pair in enumerate(questions)],
-            "sanity": [(i, pair.prompt, pair.chosen, pair.rejected) for i, pair in enumerate(pairs[:config.sanity])],
-        }
+            f"{x}_vs_{y}": [(i, pair.prompt, answers[x][i], answers[y][i]) for i, pair in enumerate(questions)]
+            for x, y in compared}
+        items["sanity"] = [(i, pair.prompt, pair.chosen, pair.rejected) for i, pair in enumerate(pairs[:config.sanity])]
         return {name: summarise(name, judge_comparison(judge, name, items[name], judgements, config.tie_margin), config.tie_margin)
                 for name in items if items[name]}
 

@@ -86,23 +86,25 @@ class LoRALayer(nn.Module):
         return y
 
     def delta_weight(self) -> Tensor:
-        """(alpha / r) * B A in the base weight's own layout and dtype."""
+        """(alpha / r) * B A in the base weight's own layout, in fp32."""
         delta = self.scaling * (self.lora_B @ self.lora_A)  # (out, in)
         if isinstance(self.base, Conv1D):
             delta = delta.T  # Conv1D keeps W as (in, out) (docs/PITFALLS.md 12)
-        return delta.to(self.base.weight.dtype)
+        return delta
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W0 <- W0 + (alpha/r) B A: one matmul per layer at generation time instead of three."""
+        """W0 <- W0 + (alpha/r) B A: one matmul per layer at generation time instead of three.
+        The sum is taken in fp32 and rounded once to the weight's dtype: adding a bf16-rounded
+        update to bf16 weights would round twice (docs/PITFALLS.md 7)."""
         if not self.merged:
-            self.base.weight += self.delta_weight()
+            self.base.weight.copy_(self.base.weight.float() + self.delta_weight())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base.weight -= self.delta_weight()
+            self.base.weight.copy_(self.base.weight.float() - self.delta_weight())
             self.merged = False
 
 
@@ -174,6 +176,17 @@ def merge_adapters(model: nn.Module) -> None:
 def unmerge_adapters(model: nn.Module) -> None:
     for _, layer in lora_layers(model):
         layer.unmerge()
+
+
+def fold_adapters(model: nn.Module) -> None:
+    """Merge every adapter into its base weight for good and put the plain base module back
+    in its place: the model is then an ordinary model again (its weights W0 + (alpha/r) B A),
+    on which new adapters can be added. How an SFT stage's result becomes DPO's starting
+    policy and reference, with no second copy of the network."""
+    for name, layer in list(lora_layers(model)):
+        layer.merge()
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child_name, layer.base)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -5,6 +5,12 @@
 A step: batch -> one forward of chosen and rejected together -> DPO loss against cached
 reference log-probs -> backward -> clip -> AdamW step -> learning-rate schedule. The
 reference model is the same network with its adapters switched off (lora.adapters_disabled).
+
+The paper's recipe for HH, where no SFT model exists (Section 4): first fine-tune on the
+chosen answers, then DPO from there, the SFT model being both start and reference:
+
+    python train.py --loss-type sft --checkpoint-dir checkpoints/sft
+    python train.py --beta 0.1 --sft-checkpoint checkpoints/sft/best.pt --checkpoint-dir checkpoints/dpo
 """
 from __future__ import annotations
 
@@ -56,7 +62,8 @@ class TrainConfig:
     # objective
     beta: float = 0.1                  # DPO temperature: strength of the pull towards the reference
     label_smoothing: float = 0.0       # conservative DPO eps in [0, 0.5)
-    loss_type: str = "sigmoid"         # sigmoid (DPO) or ipo
+    loss_type: str = "sigmoid"         # sigmoid (DPO), ipo, or sft: the supervised stage before DPO (NLL of the chosen answers)
+    sft_checkpoint: str = ""           # best.pt of a --loss-type sft run: its adapters, merged into the weights, are DPO's start and reference
     # optimisation
     lr: float = 3e-4                   # peak learning rate (LoRA needs far more than full fine-tuning; chosen by measurement, README)
     batch_size: int = 4                # pairs per micro-batch
@@ -79,7 +86,12 @@ class TrainConfig:
 
     def __post_init__(self):
         """Every setting is checked once, here, whether it came from the CLI, Python or a checkpoint."""
-        dpo.check_loss_settings(self.beta, self.label_smoothing, self.loss_type)
+        if self.loss_type == "sft":
+            if self.label_smoothing or self.sft_checkpoint:
+                raise ValueError("--loss-type sft starts from the base model and has no label smoothing: "
+                                 "drop --sft-checkpoint and --label-smoothing")
+        else:
+            dpo.check_loss_settings(self.beta, self.label_smoothing, self.loss_type)
         lora.LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout)  # checks rank and dropout itself
         checks = [
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
@@ -303,15 +315,21 @@ class ReferenceCache:
         return chosen, rejected
 
 
-def compute_loss(model: nn.Module, batch: data.Batch, reference: ReferenceCache, config: TrainConfig,
-                 scorer: nn.Module | None = None) -> dpo.PreferenceLoss:
-    """The DPO loss of a batch. scorer: the DDP-wrapped Scorer under torchrun; None = the model itself."""
-    reference_chosen_logps, reference_rejected_logps = reference.get(model, batch, config.loss_type)
+def policy_logps_of(model: nn.Module, batch: data.Batch, scorer: nn.Module | None) -> dpo.SequenceLogps:
+    """batch_logps through the DDP-wrapped Scorer under torchrun (scorer), else the model itself."""
     if scorer is None:
-        policy_logps = batch_logps(model, batch)
-    else:
-        policy_logps = dpo.SequenceLogps(*scorer(batch.input_ids, batch.attention_mask, batch.response_mask))
-    policy_logps = loss_logps(policy_logps, config.loss_type)
+        return batch_logps(model, batch)
+    return dpo.SequenceLogps(*scorer(batch.input_ids, batch.attention_mask, batch.response_mask))
+
+
+def compute_loss(model: nn.Module, batch: data.Batch, reference: ReferenceCache, config: TrainConfig,
+                 scorer: nn.Module | None = None) -> dpo.PreferenceLoss | dpo.SupervisedLoss:
+    """The loss of a batch: DPO's (or IPO's) on its pairs, or, for --loss-type sft, the NLL of
+    its chosen answers only (no reference, no rejected rows)."""
+    if config.loss_type == "sft":
+        return dpo.sft_loss(policy_logps_of(model, data.chosen_rows(batch), scorer))
+    reference_chosen_logps, reference_rejected_logps = reference.get(model, batch, config.loss_type)
+    policy_logps = loss_logps(policy_logps_of(model, batch, scorer), config.loss_type)
     policy_chosen_logps, policy_rejected_logps = policy_logps.chunk(2)   # (B,) each
     return dpo.dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                         reference_rejected_logps, config.beta, config.label_smoothing, config.loss_type)
@@ -336,7 +354,10 @@ def learning_rate(step: int, peak_lr: float, warmup_steps: int, total_steps: int
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def mean_metrics(result: dpo.PreferenceLoss) -> dict:
+def mean_metrics(result: dpo.PreferenceLoss | dpo.SupervisedLoss) -> dict:
+    if isinstance(result, dpo.SupervisedLoss):  # per token over all the batches' answers
+        loss = result.loss.item()
+        return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(result.count.sum())}
     return {"loss": result.losses.mean().item(), "reward_accuracy": result.accuracies.mean().item(),
             "reward_margin": result.margins.mean().item(), "chosen_reward": result.chosen_rewards.mean().item(),
             "rejected_reward": result.rejected_rewards.mean().item()}
@@ -353,7 +374,7 @@ def validation_metrics(model: nn.Module, items: list[data.TokenizedPair], refere
         index = order[start:start + config.batch_size]
         batch = data.to_device(data.collate([items[i] for i in index], index, pad_id), model.device)
         results.append(compute_loss(model, batch, reference, config))
-    metrics = mean_metrics(dpo.PreferenceLoss.concatenate(results))
+    metrics = mean_metrics(type(results[0]).concatenate(results))
     metrics["n"] = len(items)
     return metrics
 
@@ -386,9 +407,44 @@ def lora_config_of(config: TrainConfig, model: nn.Module) -> lora.LoRAConfig:
 def load_policy(checkpoint: dict, dtype: str | torch.dtype = torch.float32, verbose: bool = False):
     """The base model named in a checkpoint, with the checkpoint's adapters on it."""
     model, tokenizer = load_model_and_tokenizer(checkpoint["base_model"], dtype, verbose)
+    return add_trained_adapters(model, checkpoint), tokenizer
+
+
+def add_trained_adapters(model: nn.Module, checkpoint: dict) -> nn.Module:
+    """Turn the base model into the checkpoint's policy: its SFT stage folded into the weights,
+    if it had one, then its own adapters on top (adapters off = the SFT model, or the base)."""
+    fold_sft_stage(model, checkpoint.get("sft"))
     lora.add_lora(model, lora.lora_config_from_dict(checkpoint["lora"]))
     lora.load_adapter_state_dict(model, checkpoint["adapters"])
-    return model.eval(), tokenizer
+    return model.eval()
+
+
+def fold_sft_stage(model: nn.Module, sft_stage: dict | None) -> None:
+    """The SFT model in place of the base: the SFT run's adapters merged into the weights for good."""
+    if sft_stage is not None:
+        lora.add_lora(model, lora.lora_config_from_dict(sft_stage["lora"]))
+        lora.load_adapter_state_dict(model, sft_stage["adapters"])
+        lora.fold_adapters(model)
+
+
+def sft_stage_of(config: TrainConfig) -> tuple[TrainConfig, dict]:
+    """What a DPO run takes from the SFT run in --sft-checkpoint (its config, LoRA shape and
+    adapters, recorded in every checkpoint of the DPO run, so judge.py and --resume rebuild the
+    same models without that file), and the config with the SFT run's base model. Checked: it is
+    an SFT run, of the same base model, that held out the same validation pairs, so the
+    reference never trained on an answer this run validates on."""
+    path = config.sft_checkpoint
+    sft = load_checkpoint(path)
+    saved = config_from_dict(sft["config"])
+    if saved.loss_type != "sft":
+        raise ValueError(f"{path} is a {saved.loss_type} run, not an SFT run (--loss-type sft)")
+    if config.model not in (HUB_MODEL, sft["base_model"]):
+        raise ValueError(f"{path} fine-tuned {sft['base_model']}, not {config.model}: drop --model")
+    config = dataclasses.replace(config, model=sft["base_model"])
+    if held_out_pairs(sft["config"]) != split_data_of(with_offline_fallbacks(config, announce=False))[1]:
+        raise ValueError(f"{path} held out other validation pairs than this run would (another --data, --seed or "
+                         f"--val-size): its model may have trained on them; use the SFT run's data settings")
+    return config, {"checkpoint": path, "config": sft["config"], "lora": sft["lora"], "adapters": sft["adapters"]}
 
 
 def plot_curves(metrics_path: Path, png_path: Path) -> None:
@@ -400,16 +456,21 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     val_rows = [r for r in rows if r["split"] == "val"]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
     window = max(1, len(train_rows) // 20)  # a few pairs a step are noisy: show a running mean too
-    for axis, key in ((loss_axis, "loss"), (accuracy_axis, "reward_accuracy")):
+    supervised = "perplexity" in rows[0]
+    for axis, key in ((loss_axis, "loss"), (accuracy_axis, "perplexity" if supervised else "reward_accuracy")):
         steps, values = [r["step"] for r in train_rows], [r[key] for r in train_rows]
         axis.plot(steps, values, "-", color="tab:blue", alpha=0.25, label="train")
         smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
         axis.plot(steps, smooth, "-", color="tab:blue", label=f"train, mean of {window} steps")
         axis.plot([r["step"] for r in val_rows], [r[key] for r in val_rows], "o-", color="tab:orange", label="validation")
-    loss_axis.axhline(math.log(2), color="grey", linestyle=":", label="log 2 (policy = reference)")
-    accuracy_axis.axhline(0.5, color="grey", linestyle=":", label="chance")
-    loss_axis.set(xlabel="optimizer step", ylabel="DPO loss", title="DPO loss")
-    accuracy_axis.set(xlabel="optimizer step", ylabel="reward accuracy", title="implicit reward accuracy")
+    if supervised:
+        loss_axis.set(xlabel="optimizer step", ylabel="NLL per token", title="SFT loss on the chosen answers")
+        accuracy_axis.set(xlabel="optimizer step", ylabel="perplexity", title="perplexity of the chosen answers")
+    else:
+        loss_axis.axhline(math.log(2), color="grey", linestyle=":", label="log 2 (policy = reference)")
+        accuracy_axis.axhline(0.5, color="grey", linestyle=":", label="chance")
+        loss_axis.set(xlabel="optimizer step", ylabel="DPO loss", title="DPO loss")
+        accuracy_axis.set(xlabel="optimizer step", ylabel="reward accuracy", title="implicit reward accuracy")
     loss_axis.legend(), accuracy_axis.legend()
     figure.tight_layout()
     figure.savefig(png_path, dpi=110)
@@ -563,6 +624,7 @@ class Run:
     model: nn.Module
     pad_id: int
     lora_config: lora.LoRAConfig
+    sft_stage: dict | None               # the SFT run this one starts from (sft_stage_of), saved in its checkpoints
     scorer: nn.Module | None             # the DDP-wrapped Scorer under torchrun
     optimizer: torch.optim.Optimizer
     train_reference: ReferenceCache
@@ -586,8 +648,10 @@ class Run:
         return data.to_device(data.collate([self.train_items[i] for i in index], index, self.pad_id), self.device)
 
 
-def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.device) -> Run:
-    """Settings, data, model with adapters, optimizer: everything before the first step."""
+def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.device,
+              sft_stage: dict | None = None) -> Run:
+    """Settings, data, model with adapters, optimizer: everything before the first step.
+    sft_stage: the SFT run's adapters (sft_stage_of), folded into the weights before DPO's own."""
     run_dir = Path(config.checkpoint_dir)
     if not config.resume:
         refuse_used_folder(run_dir)
@@ -606,6 +670,7 @@ def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.dev
     global_batch = config.batch_size * world_size  # pairs per micro-step, all ranks together
     if len(train_items) < global_batch or not val_items:
         raise DataError(f"too few usable pairs: {len(train_items)} train, {len(val_items)} validation (dropped: {dropped})")
+    fold_sft_stage(model, sft_stage)  # the SFT model: DPO's starting policy and, adapters off, its reference
     lora_config = lora_config_of(config, model)
     trainable, total = lora.add_lora(model, lora_config)
     model.to(device)
@@ -613,6 +678,9 @@ def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.dev
         say(f"data: {len(train_items)} train / {len(val_items)} validation pairs; dropped: {dropped or 'none'}")
         say(f"model: {config.model} ({config.dtype}); LoRA r={lora_config.r} on {list(lora_config.targets)}: "
             f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+        if sft_stage is not None:
+            say(f"starting from the SFT model of {sft_stage['checkpoint']}: its adapters merged into the weights "
+                f"are the starting policy and the reference")
         if world_size > 1:
             say(f"{world_size} processes: global batch {global_batch} x {config.grad_accum} accumulation")
     scorer = None
@@ -627,7 +695,7 @@ def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.dev
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     return Run(config, rank, world_size, device, run_dir, train_items, val_items, dropped, model,
-               tokenizer.pad_token_id, lora_config, scorer, optimizer, ReferenceCache(len(train_items)),
+               tokenizer.pad_token_id, lora_config, sft_stage, scorer, optimizer, ReferenceCache(len(train_items)),
                ReferenceCache(len(val_items)), batches_per_epoch, total_steps)
 
 
@@ -637,6 +705,8 @@ def checkpoint(run: Run, state: RunState, rng: list[dict] | None = None) -> dict
     payload = {"format": CHECKPOINT_FORMAT, "base_model": run.config.model, "lora": lora.lora_config_dict(run.lora_config),
                "adapters": lora.adapter_state_dict(run.model), "config": dataclasses.asdict(run.config),
                "step": state.step, "val_metrics": state.val_metrics}
+    if run.sft_stage is not None:
+        payload["sft"] = run.sft_stage
     if rng is not None:
         payload.update(state=dataclasses.asdict(state), optimizer=run.optimizer.state_dict(),
                        rng=rng, total_steps=run.total_steps,
@@ -684,11 +754,11 @@ def optimizer_step(run: Run, step: int, parameters: list[nn.Parameter]) -> tuple
     for micro in range(config.grad_accum):
         result = compute_loss(run.model, run.micro_batch(step * config.grad_accum + micro), run.train_reference,
                               config, run.scorer)
-        (result.losses.mean() / config.grad_accum).backward()  # mean over micro-batches (docs/PITFALLS.md 12)
+        (result.loss / config.grad_accum).backward()  # mean over micro-batches (docs/PITFALLS.md 12)
         micro_results.append(result)
     #### clip and check ####
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-    metrics = mean_metrics(dpo.PreferenceLoss.concatenate(micro_results))
+    metrics = mean_metrics(type(micro_results[0]).concatenate(micro_results))
     metrics = dict(zip(metrics, mean_across_ranks(list(metrics.values()), run.world_size, run.device)))
     if not (math.isfinite(metrics["loss"]) and torch.isfinite(grad_norm)):
         raise TrainingError(f"non-finite loss ({metrics['loss']}) or gradient norm ({grad_norm.item()}) at step "
@@ -710,8 +780,14 @@ def train(config: TrainConfig) -> dict:
         torch.set_num_threads(config.threads)
     rank, world_size, device = setup_distributed()
     resumed = load_resumable(config.resume) if config.resume else None
-    config = config_for_resume(config, resumed) if resumed else with_offline_fallbacks(config, announce=rank == 0)
-    run = build_run(config, rank, world_size, device)
+    sft_stage = resumed.get("sft") if resumed else None  # a resumed run's SFT stage is the one it saved
+    if resumed:
+        config = config_for_resume(config, resumed)
+    else:
+        if config.sft_checkpoint:
+            config, sft_stage = sft_stage_of(config)
+        config = with_offline_fallbacks(config, announce=rank == 0)
+    run = build_run(config, rank, world_size, device, sft_stage)
     state = RunState() if resumed is None else restore(run, resumed)
 
     stop_requested = []  # Ctrl-C or SIGTERM: finish the current step, save, stop
@@ -719,8 +795,8 @@ def train(config: TrainConfig) -> dict:
                          for sig in (signal.SIGINT, signal.SIGTERM)}
     metrics_file = open(run.run_dir / "metrics.jsonl", "a") if run.is_main else None
     from tqdm import tqdm
-    progress = tqdm(total=run.total_steps, initial=state.step, desc="DPO", disable=not (config.progress and run.is_main),
-                    dynamic_ncols=True)
+    progress = tqdm(total=run.total_steps, initial=state.step, desc=config.loss_type.upper().replace("SIGMOID", "DPO"),
+                    disable=not (config.progress and run.is_main), dynamic_ncols=True)
     started, interrupted = time.time(), False
     parameters = [p for group in run.optimizer.param_groups for p in group["params"]]  # the adapters' A and B
     try:
@@ -734,7 +810,8 @@ def train(config: TrainConfig) -> dict:
             state.step += 1
             #### log ####
             progress.update(1)
-            progress.set_postfix(loss=f"{train_metrics['loss']:.3f}", acc=f"{train_metrics['reward_accuracy']:.2f}", lr=f"{lr:.1e}")
+            progress.set_postfix(loss=f"{train_metrics['loss']:.3f}", lr=f"{lr:.1e}",
+                                 **({"acc": f"{train_metrics['reward_accuracy']:.2f}"} if "reward_accuracy" in train_metrics else {}))
             if run.is_main:
                 write_metrics(metrics_file, {"step": state.step, "split": "train", "lr": lr, "grad_norm": grad_norm.item(), **train_metrics})
             #### validate ####
@@ -820,6 +897,8 @@ def write_metrics(file, row: dict) -> None:
 
 
 def format_metrics(metrics: dict) -> str:
+    if "perplexity" in metrics:
+        return f"loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f} on the chosen answers"
     return (f"loss {metrics['loss']:.4f}, reward accuracy {metrics['reward_accuracy']:.3f}, "
             f"margin {metrics['reward_margin']:.4f} (chosen {metrics['chosen_reward']:.4f}, "
             f"rejected {metrics['rejected_reward']:.4f})")

@@ -273,3 +273,37 @@ def test_chunked_token_logps_equal_the_plain_ones_in_value_and_gradient(rows, vo
     (plain * upstream).sum().backward()
     (chunked * upstream).sum().backward()
     torch.testing.assert_close(chunked_logits.grad.float(), plain_logits.grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
+
+
+# ----- the supervised stage ------------------------------------------------------------
+
+@SETTINGS
+@given(batches())
+def test_sft_loss_is_the_mean_nll_over_every_response_token_of_the_batch(batch):
+    """L_SFT = -(sum over all response tokens of log p) / (their number): a per-token loop."""
+    logits, ids, mask = batch
+    nll, tokens = 0.0, 0
+    for b in range(ids.shape[0]):
+        for t in range(1, ids.shape[1]):
+            if mask[b, t]:
+                nll -= torch.log_softmax(logits[b, t - 1].double(), -1)[ids[b, t]].item()
+                tokens += 1
+    result = dpo.sft_loss(dpo.sequence_logps(logits, ids, mask))
+    assert result.count.sum().item() == tokens
+    torch.testing.assert_close(result.loss.double(), torch.tensor(nll / max(tokens, 1), dtype=torch.float64),
+                               rtol=1e-5, atol=1e-5)
+    parts = [dpo.sft_loss(dpo.sequence_logps(logits[b:b + 1], ids[b:b + 1], mask[b:b + 1])) for b in range(ids.shape[0])]
+    torch.testing.assert_close(dpo.SupervisedLoss.concatenate(parts).loss, result.loss)  # weighted by tokens, not rows
+
+
+@SETTINGS
+@given(batches())
+def test_sft_gradient_never_reaches_prompt_or_padding_logits(batch):
+    """Only the logits that predict a response token get a gradient: prompt tokens never count."""
+    logits, ids, mask = batch
+    logits = logits.clone().requires_grad_()
+    dpo.sft_loss(dpo.sequence_logps(logits, ids, mask)).loss.backward()
+    predicts_response = torch.zeros_like(mask)
+    predicts_response[:, :-1] = mask[:, 1:]
+    assert torch.all(logits.grad[~predicts_response] == 0)
+    assert torch.all(logits.grad[predicts_response].abs().sum(-1) > 0)

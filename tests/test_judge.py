@@ -322,7 +322,7 @@ def log_of_another_run(checkpoint, judge_file, output):
 def test_cheap_checks_fail_before_any_model_loads(checkpoint, tmp_path, monkeypatch, capsys, problem, message):
     broken_judge = tmp_path / "judge.gguf"  # loading it would fail: an error about it means it was loaded
     broken_judge.write_bytes(b"GGUF" + bytes(60))
-    monkeypatch.setattr(train, "load_policy", lambda *args: pytest.fail("the policy was loaded"))
+    monkeypatch.setattr(train, "load_model_and_tokenizer", lambda *args, **kw: pytest.fail("the policy was loaded"))
     output = tmp_path / "j.jsonl"
     argv = [checkpoint, "--judge-model", str(broken_judge), "--output", str(output)]
     if problem == "a truncated checkpoint":
@@ -511,59 +511,86 @@ def test_seeded_sampling_is_repeatable(tokenizer):
     assert sample(1) == sample(1) != sample(2)
 
 
-def tiny_gpt2_with_adapters(trained=True):
+def adapters_entry(seed=0, trained=True) -> dict:
+    """A checkpoint's "lora" and "adapters" for tiny_gpt2(vocab_size=50257): r=4, lora_B random
+    (trained) or zero (untrained: the model then equals the one beneath)."""
     model = tiny_gpt2(vocab_size=50257)
-    lora.add_lora(model, lora.LoRAConfig(r=4))
-    if trained:  # lora_B starts at zero: the DPO model equals the base model until it is trained
-        with torch.no_grad():
-            for _, layer in lora.lora_layers(model):
-                layer.lora_B.normal_(std=0.5, generator=torch.Generator().manual_seed(0))
+    config = lora.LoRAConfig(r=4, targets=lora.default_targets(model))
+    lora.add_lora(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(model):
+            layer.lora_A.normal_(generator=generator)
+            layer.lora_B.normal_(std=0.5 if trained else 0.0, generator=generator)
+    return {"lora": lora.lora_config_dict(config), "adapters": lora.adapter_state_dict(model)}
+
+
+def checkpoint_entries(trained=True, sft=False) -> dict:
+    """What judge.answer_with_every_model reads of a checkpoint: a DPO run, after an SFT stage or not."""
+    checkpoint = {"config": {"loss_type": "sigmoid"}, **adapters_entry(0, trained)}
+    if sft:
+        checkpoint["sft"] = adapters_entry(1)
+    return checkpoint
+
+
+def with_adapters(entries: dict):
+    """tiny_gpt2 with the entries' adapters added and left unmerged: the model as training saw it."""
+    model = tiny_gpt2(vocab_size=50257)
+    lora.add_lora(model, lora.lora_config_from_dict(entries["lora"]))
+    lora.load_adapter_state_dict(model, entries["adapters"])
     return model
 
 
-def answer_into_log(path, model, tokenizer, prompts, config, stop_after=None):
-    """Both models' answers into the log at path, resumed if it exists; with stop_after, Ctrl-C
-    comes after that many answers. Returns the log's answers as {(model, prompt_id): answer}."""
+def answer_into_log(path, checkpoint, tokenizer, prompts, config, stop_after=None):
+    """Every model's answers into the log at path, resumed if it exists, from a fresh base model; with
+    stop_after, Ctrl-C comes after that many answers. Returns the log's answers as {(model, prompt_id): answer}."""
     log = judge.JudgementLog(path, HEADER, resume=True)
     if stop_after is not None:
         log.append = Counted(log.append, stop_after)
     try:
-        judge.answer_with_both_models(model, tokenizer, prompts, config, log)
+        judge.answer_with_every_model(tiny_gpt2(vocab_size=50257), tokenizer, checkpoint, prompts, config, log)
     finally:
         log.close()
     return {(r["model"], r["prompt_id"]): r["answer"] for r in map(json.loads, open(path)) if r["kind"] == "answer"}
 
 
-def test_base_answers_have_the_adapters_off_and_dpo_answers_on(tmp_path, tokenizer):
-    model = tiny_gpt2_with_adapters()
-    weights_before = {name: p.clone() for name, p in model.named_parameters()}
+def test_each_model_answers_with_its_own_weights(tmp_path, tokenizer):
+    """base: no adapter; sft: the SFT run's adapters; dpo: DPO's adapters on the SFT model (or on the base)."""
     config = judge.JudgeConfig("unused.pt", max_new_tokens=8, temperature=0.0)
-    answers = answer_into_log(str(tmp_path / "j.jsonl"), model, tokenizer, PROMPTS, config)
-    base, dpo = ([answers[name, i] for i in range(len(PROMPTS))] for name in ("base", "dpo"))
-    assert base == answers_of(tiny_gpt2(vocab_size=50257), tokenizer, PROMPTS, 8, 0.0)
-    assert dpo == answers_of(model, tokenizer, PROMPTS, 8, 0.0)  # unmerged adapters
-    assert dpo != base
-    assert all(torch.allclose(p, weights_before[name], atol=1e-6) for name, p in model.named_parameters())
+    for sft in (False, True):
+        checkpoint = checkpoint_entries(sft=sft)
+        answers = answer_into_log(str(tmp_path / f"j{sft}.jsonl"), checkpoint, tokenizer, PROMPTS, config)
+        answers = {name: [answers[name, i] for i in range(len(PROMPTS))] for name in judge.model_names(checkpoint)}
+        assert answers["base"] == answers_of(tiny_gpt2(vocab_size=50257), tokenizer, PROMPTS, 8, 0.0)
+        if sft:
+            assert answers["sft"] == answers_of(with_adapters(checkpoint["sft"]), tokenizer, PROMPTS, 8, 0.0)
+        policy = tiny_gpt2(vocab_size=50257)
+        train.add_trained_adapters(policy, checkpoint)  # unmerged DPO adapters on the (folded) SFT model
+        assert answers["dpo"] == answers_of(policy, tokenizer, PROMPTS, 8, 0.0)
+        assert len(set(map(tuple, answers.values()))) == len(answers)  # every model answers otherwise
 
 
 def test_an_interrupted_run_resumes_to_the_answers_of_an_uninterrupted_one(tmp_path, tokenizer):
     """Batch k samples under (seed, k): resume regenerates a batch to the same random numbers."""
     prompts = PROMPTS + [f"{H} tell me a story{A}", f"{H} why?{A}"]  # batches [0, 1], [2, 3], [4]
-    model = tiny_gpt2_with_adapters()
+    checkpoint = checkpoint_entries(sft=True)
     config = judge.JudgeConfig("unused.pt", max_new_tokens=8, temperature=1.0, batch_size=2)
-    uninterrupted = answer_into_log(str(tmp_path / "whole.jsonl"), model, tokenizer, prompts, config)
-    for stop_after in range(1, 2 * len(prompts)):  # in and between batches, of the base and of the DPO model
+    uninterrupted = answer_into_log(str(tmp_path / "whole.jsonl"), checkpoint, tokenizer, prompts, config)
+    for stop_after in range(1, 3 * len(prompts)):  # in and between batches, of the base, SFT and DPO models
         path = str(tmp_path / f"stopped_after_{stop_after}.jsonl")
         with pytest.raises(KeyboardInterrupt):
-            answer_into_log(path, model, tokenizer, prompts, config, stop_after)
-        assert answer_into_log(path, model, tokenizer, prompts, config) == uninterrupted
+            answer_into_log(path, checkpoint, tokenizer, prompts, config, stop_after)
+        assert answer_into_log(path, checkpoint, tokenizer, prompts, config) == uninterrupted
 
 
-def test_base_and_dpo_models_draw_the_same_random_numbers(tmp_path, tokenizer):
-    """With untrained adapters both models are one function: sampled answers must then agree."""
+def test_every_model_draws_the_same_random_numbers(tmp_path, tokenizer):
+    """With untrained adapters all three models are one function: sampled answers must then agree."""
     config = judge.JudgeConfig("unused.pt", max_new_tokens=8, temperature=1.0, batch_size=2)
-    answers = answer_into_log(str(tmp_path / "j.jsonl"), tiny_gpt2_with_adapters(trained=False), tokenizer, PROMPTS, config)
-    assert [answers["base", i] for i in range(len(PROMPTS))] == [answers["dpo", i] for i in range(len(PROMPTS))]
+    checkpoint = checkpoint_entries(trained=False, sft=True)
+    checkpoint["sft"] = adapters_entry(1, trained=False)
+    answers = answer_into_log(str(tmp_path / "j.jsonl"), checkpoint, tokenizer, PROMPTS, config)
+    assert ([answers["base", i] for i in range(len(PROMPTS))] == [answers["sft", i] for i in range(len(PROMPTS))]
+            == [answers["dpo", i] for i in range(len(PROMPTS))])
 
 
 # ----- the whole evaluation and the CLI ------------------------------------------------------
@@ -581,9 +608,9 @@ def test_evaluate_logs_everything_and_resume_judges_nothing_again(checkpoint, ge
     identical = sum(r["kind"] == "judgement" and r["p_a_x_first"] is None for r in records)
     assert first.calls == 2 * (8 - identical)
 
-    def no_generation(*args):
+    def no_generation(*args, **kwargs):
         raise AssertionError("resume regenerated answers")
-    monkeypatch.setattr(train, "load_policy", no_generation)
+    monkeypatch.setattr(train, "load_model_and_tokenizer", no_generation)
     again = Counted(gemma_judge)
     assert judge.evaluate(dataclasses.replace(config, resume=True), judge=again) == results
     assert again.calls == 0 and len(open(output).readlines()) == len(records)
@@ -595,6 +622,28 @@ def test_evaluate_logs_everything_and_resume_judges_nothing_again(checkpoint, ge
                  "Number of wins of the dataset answers: ", "Winner: ", "Number of ties: ", "95% CI"):
         assert line in out
     assert out.splitlines()[-1].startswith("Judge agreement with people ")  # after the seed's three lines
+
+
+def test_after_an_sft_stage_dpo_is_also_compared_with_the_sft_model(checkpoint, tmp_path, capsys):
+    """The paper's comparisons: DPO vs the SFT model (its reference), vs the dataset, and vs base;
+    an SFT run's own checkpoint is judged as the SFT model."""
+    run = train.load_checkpoint(checkpoint)
+    settings = dict(train.config_from_dict(run["config"]).__dict__, resume=None, max_steps=1)
+    sft = train.train(train.TrainConfig(**{**settings, "loss_type": "sft", "checkpoint_dir": str(tmp_path / "sft")}))
+    sft_file = str(tmp_path / "sft" / "best.pt")
+    train.train(train.TrainConfig(**{**settings, "sft_checkpoint": sft_file, "checkpoint_dir": str(tmp_path / "dpo")}))
+    options = dict(num_test_questions=3, sanity=2, max_new_tokens=6)
+    results = judge.evaluate(judge.JudgeConfig(str(tmp_path / "dpo" / "last.pt"), output=str(tmp_path / "j.jsonl"),
+                                               **options), judge=longer_is_better)
+    assert list(results) == ["dpo_vs_base", "dpo_vs_sft", "dpo_vs_dataset", "sanity"]
+    answers = [json.loads(line) for line in open(tmp_path / "j.jsonl") if '"answer"' in line]
+    assert sorted({r["model"] for r in answers}) == ["base", "dpo", "sft"] and len(answers) == 9
+    assert [r.n for r in results.values()] == [3, 3, 3, 2]
+    text = judge.report(results)
+    assert "Number of wins of the SFT model: " in text and "Mean answer length: DPO model " in text
+    assert sft["step"] == 1 and list(judge.evaluate(judge.JudgeConfig(
+        sft_file, output=str(tmp_path / "s.jsonl"), **options), judge=longer_is_better)) == ["sft_vs_base",
+                                                                                          "sft_vs_dataset", "sanity"]
 
 
 def test_every_run_also_measures_the_judge_against_people(checkpoint, tmp_path):

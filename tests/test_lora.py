@@ -190,3 +190,26 @@ def test_lora_dropout_is_active_only_in_train_mode():
         assert torch.equal(model(ids).logits, model(ids).logits)  # eval: deterministic
         model.train()
         assert not torch.equal(model(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("arch", MODELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_folded_adapters_leave_plain_modules_holding_w0_plus_the_update_rounded_once(arch, dtype):
+    """fold_adapters: W0 + (alpha/r) B A summed in fp32, rounded once to the weight's dtype, and the
+    wrapper gone, so that new adapters can go on top (DPO after SFT)."""
+    model = MODELS[arch]().to(dtype)
+    lora.add_lora(model, lora.LoRAConfig(r=4, alpha=8))
+    randomise_B(model)
+    expected = {name: (layer.base.weight.float() + layer.delta_weight()).to(dtype) for name, layer in lora.lora_layers(model)}
+    with torch.no_grad():
+        unmerged = model(inputs()).logits.float()
+    lora.fold_adapters(model)
+    assert not list(lora.lora_layers(model))
+    assert all(torch.equal(model.get_submodule(name).weight, weight) for name, weight in expected.items())
+    with torch.no_grad():
+        folded = model(inputs()).logits.float()
+    tolerance = 1e-5 if dtype == torch.float32 else 0.1  # bf16: the merged weights lose what is below their precision
+    torch.testing.assert_close(folded, unmerged, rtol=0, atol=tolerance)
+    lora.add_lora(model, lora.LoRAConfig(r=2))
+    with torch.no_grad():
+        assert torch.equal(model(inputs()).logits.float(), folded)  # new adapters start at the folded model

@@ -280,7 +280,7 @@ def test_training_learns_and_writes_loadable_checkpoints(tmp_path, tiny_gpt2_dir
 # --max-steps 7 sets the cosine schedule's length (8 steps of data): a bare --resume must keep it.
 RESUME_SETTINGS = dict(epochs=2, max_steps=7, lora_dropout=0.1, grad_accum=2, warmup_steps=2, eval_every=3,
                        checkpoint_every=2)
-UNINTERRUPTED = {}  # the run never stopped, trained once for all the examples below
+UNINTERRUPTED = {}  # stage -> the run that never stopped, trained once for all the examples below
 
 
 def run_rows(run_dir):
@@ -298,27 +298,115 @@ def stop_at(step, monkeypatch):
     monkeypatch.setattr(train, "write_metrics", write_then_interrupt)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def stage_settings(stage, tmp_path_factory, data, model_dir):
+    """The settings of a run of this stage: DPO alone, SFT, or DPO after an SFT run (made once)."""
+    if stage == "sft":
+        return dict(loss_type="sft")
+    if stage == "dpo after sft":
+        if "sft checkpoint" not in UNINTERRUPTED:
+            run = tmp_path_factory.mktemp("sft-stage")
+            train.train(tiny_config(data, model_dir, run, loss_type="sft", epochs=2))
+            UNINTERRUPTED["sft checkpoint"] = str(run / "best.pt")
+        return dict(sft_checkpoint=UNINTERRUPTED["sft checkpoint"])
+    return {}
+
+
+@pytest.mark.parametrize("stage", ["dpo", "sft", "dpo after sft"])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stop_step=st.integers(1, 6))
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path_factory, tiny_gpt2_dir, stop_step):
-    """Stopped at any step (warmup or cosine decay, LoRA dropout on, 2 micro-batches a step), then
-    continued with a bare --resume: the same rows and bit-identical adapters as a run never stopped."""
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path_factory, tiny_gpt2_dir, stage, stop_step):
+    """Stopped at any step (warmup or cosine decay, LoRA dropout on, 2 micro-batches a step) of a
+    DPO, SFT or after-SFT DPO run, then continued with a bare --resume: the same rows and
+    bit-identical adapters as a run never stopped."""
     data_dir = tmp_path_factory.getbasetemp() / "resume-data"
     data_dir.mkdir(exist_ok=True)
     data = write_jsonl(data_dir / "d.jsonl", synthetic_rows(20))  # 16 train pairs: 4 steps an epoch
-    if "a" not in UNINTERRUPTED:
+    settings = {**RESUME_SETTINGS, **stage_settings(stage, tmp_path_factory, data, tiny_gpt2_dir)}
+    if stage not in UNINTERRUPTED:
         run = tmp_path_factory.mktemp("uninterrupted")
-        UNINTERRUPTED.update(a=train.train(tiny_config(data, tiny_gpt2_dir, run, **RESUME_SETTINGS)), rows=run_rows(run),
-                             adapters=torch.load(run / "last.pt", weights_only=True)["adapters"])
+        UNINTERRUPTED[stage] = dict(summary=train.train(tiny_config(data, tiny_gpt2_dir, run, **settings)),
+                                    rows=run_rows(run), adapters=torch.load(run / "last.pt", weights_only=True)["adapters"])
+    uninterrupted = UNINTERRUPTED[stage]
     run = tmp_path_factory.mktemp("stopped")
     with pytest.MonkeyPatch.context() as monkeypatch:
         stop_at(stop_step, monkeypatch)
-        stopped = train.train(tiny_config(data, tiny_gpt2_dir, run, **RESUME_SETTINGS))
+        stopped = train.train(tiny_config(data, tiny_gpt2_dir, run, **settings))
     assert stopped["interrupted"] and stopped["step"] == stop_step
     assert train.main(["--resume", str(run / "last.pt"), "--no-progress"]) == 0
-    assert run_rows(run) == UNINTERRUPTED["rows"] and UNINTERRUPTED["a"]["step"] == 7
+    assert run_rows(run) == uninterrupted["rows"] and uninterrupted["summary"]["step"] == 7
     adapters = torch.load(run / "last.pt", weights_only=True)["adapters"]
-    assert all(torch.equal(adapters[k], UNINTERRUPTED["adapters"][k]) for k in adapters)
+    assert all(torch.equal(adapters[k], uninterrupted["adapters"][k]) for k in adapters)
+
+
+# ----- the supervised stage, and DPO after it ------------------------------------------------
+
+def test_one_sft_step_lowers_the_sft_loss_on_a_fixed_batch(tiny_gpt2_dir, tokenizer):
+    model, _ = train.load_model_and_tokenizer(tiny_gpt2_dir, "float32")
+    lora.add_lora(model, lora.LoRAConfig(r=4))
+    items = [data.tokenize_pair(p, tokenizer, 48, 24) for p in data.records_to_pairs(
+        enumerate(synthetic_rows(4), 1), "x", False, {})]
+    batch = data.collate(items, list(range(4)), tokenizer.eos_token_id)
+    config = train.TrainConfig(loss_type="sft")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(3):  # B = 0 at the first step, so the first update moves B only
+        result = train.compute_loss(model, batch, train.ReferenceCache(4), config)
+        result.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(result.loss.item())
+    assert losses[2] < losses[1] < losses[0]
+    assert result.count.tolist() == [len(it.chosen_ids) for it in items]  # the chosen answers only
+
+
+def test_dpo_after_sft_starts_from_the_sft_model_as_policy_and_reference(tmp_path, tiny_gpt2_dir, tokenizer):
+    """The SFT adapters merged into the weights: adapters off is the SFT model (exactly the network
+    judge.py rebuilds, and the unmerged SFT model to float rounding), DPO's first loss is log 2."""
+    data_file = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(24))
+    sft = train.train(tiny_config(data_file, tiny_gpt2_dir, tmp_path / "sft", loss_type="sft", epochs=2))
+    sft_rows = train.read_log(tmp_path / "sft" / "metrics.jsonl")
+    assert sft_rows[0]["perplexity"] > sft["val_metrics"]["perplexity"]  # it learned the chosen answers
+    assert sft["val_metrics"]["loss"] == pytest.approx(math.log(sft["val_metrics"]["perplexity"]))
+    sft_best = train.load_checkpoint(str(tmp_path / "sft" / "best.pt"))
+    dpo = train.train(tiny_config(data_file, "gpt2", tmp_path / "dpo", sft_checkpoint=str(tmp_path / "sft" / "best.pt"),
+                                  max_steps=2))  # --model left at its default: the SFT run's model
+    rows = train.read_log(tmp_path / "dpo" / "metrics.jsonl")
+    assert rows[0]["step"] == 0 and rows[0]["loss"] == torch.tensor(math.log(2)).item()  # log 2 in fp32, exactly
+    assert rows[0]["chosen_reward"] == rows[0]["rejected_reward"] == 0.0 and rows[0]["reward_accuracy"] == 0.5
+    best = train.load_checkpoint(str(tmp_path / "dpo" / "best.pt"))
+    assert best["base_model"] == tiny_gpt2_dir and best["config"]["model"] == tiny_gpt2_dir
+    assert all(torch.equal(best["sft"]["adapters"][k], t) for k, t in sft_best["adapters"].items())
+
+    items = [data.tokenize_pair(p, tokenizer, 48, 24) for p in train.split_data_of(train.config_from_dict(best["config"]))[1]]
+    batch = data.collate(items, list(range(len(items))), tokenizer.eos_token_id)
+    policy, _ = train.load_policy(best)
+    with torch.no_grad(), lora.adapters_disabled(policy):
+        reference = train.batch_logps(policy, batch).sum
+    sft_model, _ = train.load_model_and_tokenizer(tiny_gpt2_dir, "float32")
+    train.fold_sft_stage(sft_model, best["sft"])
+    sft_unmerged, _ = train.load_policy(sft_best)
+    with torch.no_grad():
+        assert torch.equal(reference, train.batch_logps(sft_model, batch).sum)
+        torch.testing.assert_close(reference, train.batch_logps(sft_unmerged, batch).sum, rtol=1e-5, atol=1e-4)
+        assert not torch.allclose(reference, train.batch_logps(train.load_model_and_tokenizer(tiny_gpt2_dir)[0], batch).sum)
+    assert dpo["step"] == 2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"loss_type": "sigmoid"}, "is a sigmoid run, not an SFT run"),
+    ({"seed": 1}, "held out other validation pairs"),
+    ({"model": "other-model"}, "drop --model"),
+])
+def test_dpo_after_sft_refuses_what_would_not_be_the_sft_model(tmp_path, tiny_gpt2_dir, change, message):
+    data_file = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(12))
+    sft_settings = {"loss_type": "sft", "max_steps": 1, **({"loss_type": "sigmoid"} if "loss_type" in change else {})}
+    train.train(tiny_config(data_file, tiny_gpt2_dir, tmp_path / "first", **sft_settings))
+    dpo_settings = {k: v for k, v in change.items() if k != "loss_type"}
+    with pytest.raises(ValueError, match=message):
+        train.train(tiny_config(data_file, tiny_gpt2_dir, tmp_path / "dpo",
+                                sft_checkpoint=str(tmp_path / "first" / "best.pt"), **dpo_settings))
+    with pytest.raises(ValueError, match="drop --sft-checkpoint"):
+        train.TrainConfig(loss_type="sft", sft_checkpoint="x.pt")
 
 
 def test_early_stopping_fires_when_validation_loss_stops_falling(tmp_path, tiny_gpt2_dir):
