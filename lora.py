@@ -12,28 +12,47 @@ which is what DPO's reference model is: one network in memory, not two.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-# Which layers to adapt, by the last part of their module name.
+# Which layers to adapt, by the last part of their module name, for the families we know by name.
 DEFAULT_TARGETS = {
     "gpt2": ("c_attn", "c_proj", "c_fc"),  # attention qkv, attention/MLP output, MLP input
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),  # also Gemma, Qwen2, Mistral
 }
 
 
-def default_targets(model: nn.Module) -> tuple[str, ...]:
-    """GPT-2's Conv1D names, or the Llama/Gemma/Mistral projection names."""
+def known_targets(model: nn.Module) -> tuple[str, ...] | None:
+    """GPT-2's Conv1D names, or the Llama/Gemma/Qwen2/Mistral projection names; None for another family."""
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     for targets in DEFAULT_TARGETS.values():
         if names.issuperset(targets):
             return targets
-    raise ValueError("no default LoRA targets for this architecture: pass the module names to adapt")
+    return None
+
+
+def block_linear_targets(model: nn.Module) -> tuple[str, ...]:
+    """By module type, for any other family: the name of every nn.Linear or Conv1D inside the
+    numbered transformer blocks (".../layers.3/...", ".../h.3/..."): attention and MLP
+    projections, never the embeddings or the output layer, which sit outside the blocks."""
+    targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                      if isinstance(module, (nn.Linear, Conv1D)) and re.search(r"\.\d+\.", name)})
+    if not targets:
+        raise ValueError("found no linear layer inside numbered transformer blocks: pass the module names to adapt")
+    return tuple(targets)
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    """The layers to adapt when none are named: known_targets, else block_linear_targets."""
+    return known_targets(model) or block_linear_targets(model)
 
 
 @dataclass(frozen=True)
@@ -219,3 +238,71 @@ def lora_config_dict(config: LoRAConfig) -> dict:
 def lora_config_from_dict(settings: dict) -> LoRAConfig:
     """The inverse of lora_config_dict."""
     return LoRAConfig(settings["r"], settings["alpha"], settings["dropout"], tuple(settings["targets"]))
+
+
+PEFT_PREFIX = "base_model.model."        # peft's wrapper around the model, in every key
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+# ---------------------------------------------------------------------------------------
+# peft's adapter folder (adapter_config.json + adapter_model.safetensors): out, and in
+# ---------------------------------------------------------------------------------------
+
+def to_peft_key(name: str) -> str:
+    """"transformer.h.0.attn.c_attn.lora_A" -> "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"."""
+    return f"{PEFT_PREFIX}{name}.weight"
+
+
+def from_peft_key(key: str) -> str:
+    """The inverse of to_peft_key."""
+    if not (key.startswith(PEFT_PREFIX) and key.endswith((".lora_A.weight", ".lora_B.weight"))):
+        raise ValueError(f"{key} is not a LoRA weight of a peft adapter")
+    return key[len(PEFT_PREFIX):-len(".weight")]
+
+
+def write_peft_folder(folder: str | Path, config: LoRAConfig, adapters: dict[str, Tensor],
+                      fan_in_fan_out: bool, base_model: str) -> None:
+    """adapter_config.json + adapter_model.safetensors, as peft's save_pretrained writes them."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+                "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+                "target_modules": sorted(config.targets), "fan_in_fan_out": fan_in_fan_out, "bias": "none",
+                "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+                "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
+    (folder / PEFT_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    save_file({to_peft_key(name): tensor.contiguous() for name, tensor in adapters.items()}, str(folder / PEFT_WEIGHTS),
+              metadata={"format": "pt"})
+
+
+def read_peft_folder(folder: str | Path) -> tuple[LoRAConfig, dict[str, Tensor]]:
+    """A peft LoRA adapter folder (ours or anyone's) as our LoRA config and adapters, or one clear
+    error saying what in it we cannot take: another PEFT method, rsLoRA's or DoRA's other update,
+    per-layer ranks, or extra trained modules."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    config_file, weights_file = folder / PEFT_CONFIG, folder / PEFT_WEIGHTS
+    for path in (config_file, weights_file):
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} is not a peft adapter folder: {path.name} is missing")
+    try:
+        settings = json.loads(config_file.read_text(encoding="utf-8"))
+        adapters = {from_peft_key(key): tensor.float() for key, tensor in load_file(str(weights_file)).items()}
+        unsupported = [(settings.get("peft_type") != "LORA", f"peft_type {settings.get('peft_type')}, not LORA"),
+                       (bool(settings.get("use_rslora")), "use_rslora (its update is scaled by alpha / sqrt(r))"),
+                       (bool(settings.get("use_dora")), "use_dora (a magnitude vector besides A and B)"),
+                       (bool(settings.get("rank_pattern") or settings.get("alpha_pattern")), "per-layer ranks or alphas"),
+                       (bool(settings.get("modules_to_save")), "modules_to_save (whole trained modules)"),
+                       (settings.get("bias", "none") != "none", f"bias {settings.get('bias')!r}")]
+        # The adapted layers' names, from the weights themselves (target_modules may be a regex).
+        config = LoRAConfig(int(settings["r"]), float(settings["lora_alpha"]), float(settings.get("lora_dropout", 0.0)),
+                            tuple(sorted({name.rsplit(".", 2)[-2] for name in adapters})))
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as error:  # bad JSON, a cut file, a non-LoRA key
+        raise ValueError(f"{folder}: cannot read the adapter ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())})") from None
+    for found, what in unsupported:
+        if found:
+            raise ValueError(f"{folder}: {what} is not something lora.py trains")
+    return config, adapters

@@ -58,7 +58,8 @@ class TrainConfig:
     lora_r: int = 8                    # LoRA rank
     lora_alpha: float = 16.0           # LoRA scale alpha (update multiplied by alpha / r)
     lora_dropout: float = 0.0          # dropout on the adapter input
-    lora_targets: str = ""             # comma-separated module names; empty = architecture defaults
+    lora_targets: str = ""             # comma-separated module names; empty = architecture defaults (else every linear layer of the blocks)
+    init_adapters: str = ""            # start from this peft adapter folder (export.py --peft, or anyone's): its rank, alpha and targets
     # objective
     beta: float = 0.1                  # DPO temperature: strength of the pull towards the reference
     label_smoothing: float = 0.0       # conservative DPO eps in [0, 0.5)
@@ -447,6 +448,23 @@ def sft_stage_of(config: TrainConfig) -> tuple[TrainConfig, dict]:
     return config, {"checkpoint": path, "config": sft["config"], "lora": sft["lora"], "adapters": sft["adapters"]}
 
 
+def init_adapters_of(config: TrainConfig) -> tuple[TrainConfig, dict]:
+    """The adapters in the peft folder --init-adapters names, and the config with their rank, alpha
+    and targets (so checkpoints and --resume carry the shape, never the folder). A --lora-r,
+    --lora-alpha or --lora-targets that contradicts the folder is an error, not a guess."""
+    shape, adapters = lora.read_peft_folder(config.init_adapters)
+    defaults, targets = TrainConfig(), {t for t in config.lora_targets.split(",") if t}
+    conflicts = [("lora-r", config.lora_r != defaults.lora_r and config.lora_r != shape.r, config.lora_r, shape.r),
+                 ("lora-alpha", config.lora_alpha != defaults.lora_alpha and config.lora_alpha != shape.alpha,
+                  config.lora_alpha, shape.alpha),
+                 ("lora-targets", bool(targets) and targets != set(shape.targets), config.lora_targets, shape.targets)]
+    for flag, differs, given, folders in conflicts:
+        if differs:
+            raise ValueError(f"--init-adapters {config.init_adapters} has {flag.replace('-', ' ')} {folders}, "
+                             f"not {given}: drop --{flag}")
+    return dataclasses.replace(config, lora_r=shape.r, lora_alpha=shape.alpha, lora_targets=",".join(shape.targets)), adapters
+
+
 def plot_curves(metrics_path: Path, png_path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -649,9 +667,10 @@ class Run:
 
 
 def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.device,
-              sft_stage: dict | None = None) -> Run:
+              sft_stage: dict | None = None, initial_adapters: dict | None = None) -> Run:
     """Settings, data, model with adapters, optimizer: everything before the first step.
-    sft_stage: the SFT run's adapters (sft_stage_of), folded into the weights before DPO's own."""
+    sft_stage: the SFT run's adapters (sft_stage_of), folded into the weights before DPO's own.
+    initial_adapters: A and B to start from (init_adapters_of) instead of LoRA's own init."""
     run_dir = Path(config.checkpoint_dir)
     if not config.resume:
         refuse_used_folder(run_dir)
@@ -673,10 +692,18 @@ def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.dev
     fold_sft_stage(model, sft_stage)  # the SFT model: DPO's starting policy and, adapters off, its reference
     lora_config = lora_config_of(config, model)
     trainable, total = lora.add_lora(model, lora_config)
+    if initial_adapters is not None:
+        try:
+            lora.load_adapter_state_dict(model, initial_adapters)
+        except ValueError as error:
+            raise ValueError(f"--init-adapters {config.init_adapters}: {error}") from None
     model.to(device)
     if rank == 0:
         say(f"data: {len(train_items)} train / {len(val_items)} validation pairs; dropped: {dropped or 'none'}")
-        say(f"model: {config.model} ({config.dtype}); LoRA r={lora_config.r} on {list(lora_config.targets)}: "
+        chosen_by = ("" if config.lora_targets or lora.known_targets(model) else
+                     f" (by module type: {model.config.model_type} has no default targets, so every linear layer "
+                     f"of its blocks)")
+        say(f"model: {config.model} ({config.dtype}); LoRA r={lora_config.r} on {list(lora_config.targets)}{chosen_by}: "
             f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
         if sft_stage is not None:
             say(f"starting from the SFT model of {sft_stage['checkpoint']}: its adapters merged into the weights "
@@ -781,13 +808,16 @@ def train(config: TrainConfig) -> dict:
     rank, world_size, device = setup_distributed()
     resumed = load_resumable(config.resume) if config.resume else None
     sft_stage = resumed.get("sft") if resumed else None  # a resumed run's SFT stage is the one it saved
+    initial_adapters = None  # a resumed run's adapters come from last.pt
     if resumed:
         config = config_for_resume(config, resumed)
     else:
         if config.sft_checkpoint:
             config, sft_stage = sft_stage_of(config)
+        if config.init_adapters:
+            config, initial_adapters = init_adapters_of(config)
         config = with_offline_fallbacks(config, announce=rank == 0)
-    run = build_run(config, rank, world_size, device, sft_stage)
+    run = build_run(config, rank, world_size, device, sft_stage, initial_adapters)
     state = RunState() if resumed is None else restore(run, resumed)
 
     stop_requested = []  # Ctrl-C or SIGTERM: finish the current step, save, stop

@@ -1,7 +1,8 @@
 """Tiny random models: fast, offline, and real transformers architectures."""
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
+                          OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 
 def tiny_gpt2(seed: int = 0, vocab_size: int = 64) -> GPT2LMHeadModel:
@@ -16,6 +17,33 @@ def tiny_llama(seed: int = 0, vocab_size: int = 64) -> LlamaForCausalLM:
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_neox(seed: int = 0, vocab_size: int = 64) -> GPTNeoXForCausalLM:
+    """Pythia's architecture, the DPO paper's HH model: fused query_key_value, rotary positions."""
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=2, max_position_embeddings=64, rotary_pct=0.25)
+    return GPTNeoXForCausalLM(config).eval()
+
+
+def tiny_qwen2(seed: int = 0, vocab_size: int = 64) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def tiny_opt(seed: int = 0, vocab_size: int = 64) -> OPTForCausalLM:
+    """OPT: nn.Linear layers named q/k/v/out_proj, fc1, fc2: no family we know by name."""
+    torch.manual_seed(seed)
+    config = OPTConfig(vocab_size=vocab_size, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=2,
+                       max_position_embeddings=64, word_embed_proj_dim=32)
+    return OPTForCausalLM(config).eval()
+
+
+# Causal LMs of five families, tiny and random: Conv1D, Llama-style names, and three by module type.
+FAMILIES = {"gpt2": tiny_gpt2, "llama": tiny_llama, "gpt_neox": tiny_neox, "qwen2": tiny_qwen2, "opt": tiny_opt}
 
 
 @pytest.fixture

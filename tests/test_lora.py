@@ -6,7 +6,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lora
-from conftest import tiny_gpt2, tiny_llama
+from conftest import FAMILIES, tiny_gpt2, tiny_llama
 
 MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
 
@@ -97,11 +97,34 @@ def test_trainable_count_is_r_times_in_plus_out_per_layer(arch, r):
     assert total == total_before + expected
 
 
-def test_gpt2_and_llama_default_targets():
+def test_default_targets_by_name_for_known_families_and_by_module_type_for_others():
+    llama_names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     assert lora.default_targets(tiny_gpt2()) == ("c_attn", "c_proj", "c_fc")
-    assert lora.default_targets(tiny_llama()) == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    with pytest.raises(ValueError, match="no default LoRA targets"):
+    assert lora.default_targets(FAMILIES["llama"]()) == lora.default_targets(FAMILIES["qwen2"]()) == llama_names
+    assert lora.known_targets(FAMILIES["gpt_neox"]()) is None
+    assert lora.default_targets(FAMILIES["gpt_neox"]()) == ("dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value")
+    assert lora.default_targets(FAMILIES["opt"]()) == ("fc1", "fc2", "k_proj", "out_proj", "q_proj", "v_proj")
+    with pytest.raises(ValueError, match="no linear layer inside numbered transformer blocks"):
         lora.default_targets(nn.Sequential(nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_is_the_base_model_at_init_and_with_adapters_off(family):
+    """Whatever the targets were chosen by: exact at init, exact when off, every linear layer of the
+    blocks adapted, and never the embeddings or the output layer."""
+    base, adapted = FAMILIES[family](), FAMILIES[family]()
+    lora.add_lora(adapted, lora.LoRAConfig(r=4))
+    ids = inputs()
+    with torch.no_grad():
+        assert torch.equal(base(ids).logits, adapted(ids).logits)
+        randomise_B(adapted)
+        assert not torch.allclose(base(ids).logits, adapted(ids).logits)
+        with lora.adapters_disabled(adapted):
+            assert torch.equal(base(ids).logits, adapted(ids).logits)
+    wrapped = {name for name, _ in lora.lora_layers(adapted)}
+    block_linears = {name for name, m in base.named_modules()
+                     if isinstance(m, (nn.Linear, Conv1D)) and (".layers." in name or ".h." in name)}
+    assert wrapped == block_linears and adapted.get_output_embeddings() not in [m.base for _, m in lora.lora_layers(adapted)]
 
 
 def test_unknown_targets_are_a_clear_error():
