@@ -13,7 +13,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -40,15 +40,39 @@ def count(counts: dict, reason: str) -> None:
 
 @dataclass(frozen=True)
 class Pair:
-    prompt: str    # the dialogue up to and including the last "\n\nAssistant:"
+    prompt: str    # the dialogue up to where the answer starts (HH: the last "\n\nAssistant:")
     chosen: str    # y_w, the answer people preferred
     rejected: str  # y_l
+
+
+# Three record formats, told apart by the first record of a file:
+#   hh              {"chosen": dialogue, "rejected": dialogue}: HH-RLHF's, the prompt is their shared start
+#   explicit        {"prompt": str, "chosen": str, "rejected": str}: TRL's standard format
+#   conversational  {"prompt": [messages], "chosen": [messages], "rejected": [messages]}, a message being
+#                   {"role": ..., "content": ...}: rendered with the tokenizer's chat template
+FORMATS = ("hh", "explicit", "conversational")
+Render = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> text
+
+
+def record_format(record: dict) -> str:
+    if "prompt" not in record:
+        return "hh"
+    return "conversational" if isinstance(record["prompt"], list) else "explicit"
+
+
+def checked_pair(prompt: str, chosen: str, rejected: str) -> Pair | str:
+    """The pair, or why it is dropped: an empty or identical answer teaches nothing."""
+    if not chosen.strip() or not rejected.strip():
+        return "empty response"
+    if chosen == rejected:
+        return "identical responses"
+    return Pair(prompt, chosen, rejected)
 
 
 def split_prompt(chosen: str, rejected: str) -> Pair | str:
     """Split an HH-RLHF record into prompt and two responses, or say why it is dropped.
 
-    The prompt ends at the *last* "\\n\\nAssistant:" (not at a longest common prefix, which
+    The prompt ends at the *last* "\n\nAssistant:" (not at a longest common prefix, which
     can run on into words both answers share; docs/PITFALLS.md 1).
     """
     cut = chosen.rfind(ASSISTANT)
@@ -57,12 +81,66 @@ def split_prompt(chosen: str, rejected: str) -> Pair | str:
     prompt = chosen[:cut + len(ASSISTANT)]
     if not rejected.startswith(prompt) or ASSISTANT in rejected[len(prompt):]:
         return "prompts differ"
-    chosen_response, rejected_response = chosen[len(prompt):], rejected[len(prompt):]
-    if not chosen_response.strip() or not rejected_response.strip():
-        return "empty response"
-    if chosen_response == rejected_response:
-        return "identical responses"
-    return Pair(prompt, chosen_response, rejected_response)
+    return checked_pair(prompt, chosen[len(prompt):], rejected[len(prompt):])
+
+
+HH_ROLES = {"system": "System", "user": "Human", "assistant": "Assistant"}
+
+
+def render_hh(messages: list[dict], add_generation_prompt: bool) -> str:
+    """Messages as HH-RLHF writes a dialogue ("\n\nHuman: ...\n\nAssistant: ..."): the chat
+    template of a tokenizer that has none (GPT-2), so conversational data reads as HH data does."""
+    text = "".join(f"\n\n{HH_ROLES[message['role']]}: {message['content']}" for message in messages)
+    return text + ASSISTANT if add_generation_prompt else text
+
+
+def chat_renderer(tokenizer) -> Render:
+    """The tokenizer's own chat template if it has one, else render_hh."""
+    if not getattr(tokenizer, "chat_template", None):
+        return render_hh
+    return lambda messages, add_generation_prompt: tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def strings(record: dict, *keys: str) -> list[str]:
+    values = [record.get(key) for key in keys]
+    if not all(isinstance(value, str) for value in values):
+        raise ValueError(f"{' and '.join(repr(key) for key in keys)} must be strings")
+    if not is_valid_text("".join(values)):
+        raise ValueError("text is not valid Unicode (a lone surrogate escape)")
+    return values
+
+
+def messages(record: dict, key: str) -> list[dict]:
+    value = record.get(key)
+    if not (isinstance(value, list) and value and all(
+            isinstance(m, dict) and m.get("role") in HH_ROLES and isinstance(m.get("content"), str) for m in value)):
+        raise ValueError(f"{key!r} must be a list of messages {{\"role\": system, user or assistant, \"content\": text}}")
+    if not is_valid_text("".join(m["content"] for m in value)):
+        raise ValueError("text is not valid Unicode (a lone surrogate escape)")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def answer_text(render: Render, prompt_messages: list[dict], prompt: str, answer_messages: list[dict]) -> str:
+    """What the chat template writes after the prompt for these answer messages."""
+    whole = render(prompt_messages + answer_messages, False)
+    if not whole.startswith(prompt):
+        raise ValueError("the chat template does not write the prompt the same way with the answer after it")
+    return whole[len(prompt):]
+
+
+def record_to_pair(record: dict, record_format: str, render: Render | None) -> Pair | str:
+    """A record of the given format as a pair, or a drop reason; a malformed record raises ValueError."""
+    if record_format == "hh":
+        return split_prompt(*strings(record, "chosen", "rejected"))
+    if record_format == "explicit":
+        return checked_pair(*strings(record, "prompt", "chosen", "rejected"))
+    prompt_messages, chosen, rejected = (messages(record, key) for key in ("prompt", "chosen", "rejected"))
+    if render is None:
+        raise ValueError("conversational data is rendered with the model's chat template: no tokenizer was given")
+    prompt = render(prompt_messages, True)  # ends where the assistant's answer starts
+    return checked_pair(prompt, answer_text(render, prompt_messages, prompt, chosen),
+                        answer_text(render, prompt_messages, prompt, rejected))
 
 
 def bad_line(message: str, skip_bad_lines: bool, counts: dict) -> None:
@@ -74,8 +152,6 @@ def bad_line(message: str, skip_bad_lines: bool, counts: dict) -> None:
 
 def read_jsonl(path: str, skip_bad_lines: bool, counts: dict) -> Iterator[tuple[int, dict]]:
     """(line number, record) from a .jsonl or .jsonl.gz file; bad lines stop with file:line."""
-    if not os.path.isfile(path):
-        raise DataError(f"data file not found: {path}")
     opener = gzip.open if path.endswith(".gz") else open
     line_no = 0
     try:
@@ -96,20 +172,19 @@ def read_jsonl(path: str, skip_bad_lines: bool, counts: dict) -> Iterator[tuple[
 
 
 def records_to_pairs(records: Iterable[tuple[int, dict]], source: str, skip_bad_lines: bool,
-                     counts: dict) -> list[Pair]:
-    """The one path every record takes, from a local file or from the Hub."""
-    pairs = []
+                     counts: dict, render: Render | None = None) -> list[Pair]:
+    """The one path every record takes, from a local file or from the Hub. The first record's
+    format is the data's; a record of another format is malformed."""
+    pairs, data_format = [], None
     for line_no, record in records:
-        chosen, rejected = record.get("chosen"), record.get("rejected")
-        reason = None
-        if not isinstance(chosen, str) or not isinstance(rejected, str):
-            reason = "'chosen' and 'rejected' must be strings"
-        elif not is_valid_text(chosen + rejected):
-            reason = "text is not valid Unicode (a lone surrogate escape)"
-        if reason is not None:
-            bad_line(f"{source}:{line_no}: malformed record ({reason})", skip_bad_lines, counts)
+        data_format = data_format or record_format(record)
+        try:
+            if record_format(record) != data_format:
+                raise ValueError(f"a {record_format(record)} record in {data_format} data (the first record's format)")
+            pair = record_to_pair(record, data_format, render)
+        except ValueError as error:
+            bad_line(f"{source}:{line_no}: malformed record ({error})", skip_bad_lines, counts)
             continue
-        pair = split_prompt(chosen, rejected)
         if isinstance(pair, str):
             count(counts, pair)
         else:
@@ -126,19 +201,35 @@ def is_valid_text(text: str) -> bool:
         return False
 
 
-def load_pairs(data: str, hub_subset: str = "harmless-base", split: str = "train",
-               skip_bad_lines: bool = False, counts: dict | None = None) -> list[Pair]:
-    """Pairs from a local .jsonl(.gz) file, or (data = "Anthropic/hh-rlhf") from the Hub."""
+LOCAL_FORMATS = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+
+
+def load_pairs(data: str, hub_subset: str = "harmless-base", split: str = "train", skip_bad_lines: bool = False,
+               counts: dict | None = None, render: Render | None = None) -> list[Pair]:
+    """Pairs from a local .jsonl, .jsonl.gz, .json or .parquet file, or from a Hub dataset id (the
+    --split of it; hub_subset is Anthropic/hh-rlhf's folder). JSON Lines are read here, line by line,
+    so a bad line is named by number; the rest through `datasets`, as the Hub is, numbered by record."""
     counts = {} if counts is None else counts
-    if data != HUB_DATASET:
-        return records_to_pairs(read_jsonl(data, skip_bad_lines, counts), data, skip_bad_lines, counts)
-    import datasets  # the Hub path only
+    local = os.path.exists(data) or data.endswith(LOCAL_FORMATS)
+    if local and not os.path.isfile(data):
+        raise DataError(f"data file not found: {data}")
+    if local and data.endswith((".jsonl", ".jsonl.gz")):
+        return records_to_pairs(read_jsonl(data, skip_bad_lines, counts), data, skip_bad_lines, counts, render)
+    if local and not data.endswith(LOCAL_FORMATS):
+        raise DataError(f"{data}: a data file must be one of {', '.join(LOCAL_FORMATS)}")
+    import datasets  # .json, .parquet and the Hub
     try:
-        hub = datasets.load_dataset(HUB_DATASET, data_dir=hub_subset, split=split)
-    except Exception as error:  # no network, a cut download, a bad subset: one line, never a traceback
-        raise DataError(f"cannot load {HUB_DATASET} ({hub_subset}, {split}) from the Hub: {one_line(error)}; "
-                        f"pass --data FILE to train on a local file") from None
-    return records_to_pairs(enumerate(hub, 1), f"{HUB_DATASET}/{hub_subset}/{split}", skip_bad_lines, counts)
+        if local:
+            records = datasets.load_dataset("parquet" if data.endswith(".parquet") else "json", data_files=data,
+                                            split="train")
+        else:
+            records = datasets.load_dataset(data, data_dir=hub_subset if data == HUB_DATASET else None, split=split)
+    except Exception as error:  # no network, a cut download, a bad file or subset: one line, never a traceback
+        where = data if local else f"{data} ({hub_subset + ', ' if data == HUB_DATASET else ''}{split}) from the Hub"
+        raise DataError(f"cannot load {where}: {one_line(error)}" + ("" if local else "; pass --data FILE to train "
+                                                                     "on a local file")) from None
+    source = data if local else f"{data}/{hub_subset + '/' if data == HUB_DATASET else ''}{split}"
+    return records_to_pairs(enumerate(records, 1), source, skip_bad_lines, counts, render)
 
 
 def one_line(error: BaseException) -> str:
@@ -148,20 +239,20 @@ def one_line(error: BaseException) -> str:
 
 
 def split_data(data: str, hub_subset: str = "harmless-base", val_size: int = 200, seed: int = 0,
-               num_examples: int = 0, skip_bad_lines: bool = False,
-               counts: dict | None = None) -> tuple[list[Pair], list[Pair]]:
-    """(train, validation). One local file: a seeded held-out split of val_size pairs. The Hub:
-    its train split, and val_size pairs of its test split. num_examples: the first N training
-    pairs only; 0 = all."""
+               num_examples: int = 0, skip_bad_lines: bool = False, counts: dict | None = None,
+               split: str = "train", render: Render | None = None) -> tuple[list[Pair], list[Pair]]:
+    """(train, validation). Anthropic/hh-rlhf from the Hub: its --split (train), and val_size pairs
+    of its test split. Any other data, a local file or a Hub dataset's --split: a seeded held-out
+    split of val_size pairs. num_examples: the first N training pairs only; 0 = all."""
     counts = {} if counts is None else counts
     if data != HUB_DATASET:
-        pairs = load_pairs(data, skip_bad_lines=skip_bad_lines, counts=counts)
+        pairs = load_pairs(data, hub_subset, split, skip_bad_lines, counts, render)
         random.Random(seed).shuffle(pairs)
         if len(pairs) <= val_size:
             raise DataError(f"{data}: {len(pairs)} usable pairs, not enough for {val_size} validation pairs")
         validation, train_pairs = pairs[:val_size], pairs[val_size:]
     else:
-        train_pairs = load_pairs(HUB_DATASET, hub_subset, "train", skip_bad_lines, counts)
+        train_pairs = load_pairs(HUB_DATASET, hub_subset, split, skip_bad_lines, counts)
         validation = load_pairs(HUB_DATASET, hub_subset, "test", skip_bad_lines, counts)
         random.Random(seed).shuffle(validation)
         validation = validation[:val_size]
@@ -189,6 +280,11 @@ def keep_prompt_end(prompt_ids: list[int], bos_token_id: int | None, max_prompt_
     return bos + rest[max(0, len(rest) - keep):]  # not rest[-keep:]: at keep = 0 that is all of it
 
 
+def starts_with_bos(text: str, tokenizer) -> bool:
+    """A chat template may write the BOS itself (Gemma's "<bos>..."): the tokenizer must not add another."""
+    return bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
+
+
 def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int) -> TokenizedPair | str:
     """Token ids of prompt and responses, tokenised *separately* (docs/PITFALLS.md 1), or a drop reason.
 
@@ -196,7 +292,8 @@ def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int
     and its BOS if the tokenizer adds one; responses get EOS (docs/PITFALLS.md 2) and keep their
     start. A response cut by max_length loses its EOS: it did not end there.
     """
-    prompt_ids = keep_prompt_end(tokenizer(pair.prompt).input_ids, tokenizer.bos_token_id, max_prompt_length)
+    prompt_ids = keep_prompt_end(tokenizer(pair.prompt, add_special_tokens=not starts_with_bos(pair.prompt, tokenizer)
+                                           ).input_ids, tokenizer.bos_token_id, max_prompt_length)
     budget = max_length - len(prompt_ids)
     eos = [tokenizer.eos_token_id]
     chosen_ids = (tokenizer(pair.chosen, add_special_tokens=False).input_ids + eos)[:budget]

@@ -136,7 +136,8 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
                 continue
             torch.manual_seed(seed * 1_000_003 + start // batch_size)  # distinct for every (seed, batch) a run meets
             batch = tokenizer([prompts[i] for i in positions], padding=True, padding_side="left", truncation=True,
-                              max_length=max_prompt_tokens, return_tensors="pt").to(model.device)  # (B, T)
+                              max_length=max_prompt_tokens, return_tensors="pt",  # (B, T); a chat template's BOS once
+                              add_special_tokens=not data.starts_with_bos(prompts[start], tokenizer)).to(model.device)
             output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                     eos_token_id=tokenizer.eos_token_id, **sampling)  # (B, T + new)
             texts = [tokenizer.decode(cut_at_eos(new_tokens, tokenizer.eos_token_id), skip_special_tokens=True)

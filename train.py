@@ -45,8 +45,9 @@ HUB_MODEL = "gpt2"  # the default model, from the Hugging Face Hub; Gemma 3 270M
 @dataclass
 class TrainConfig:
     # data
-    data: str = HUB_DATASET            # Anthropic/hh-rlhf from the Hub (the bundled data/ pairs when it cannot be reached), or a local .jsonl/.jsonl.gz
+    data: str = HUB_DATASET            # Anthropic/hh-rlhf (offline: the bundled data/ pairs), another Hub dataset id, or a .jsonl/.jsonl.gz/.json/.parquet file of HH, prompt/chosen/rejected or conversational records
     hub_subset: str = "harmless-base"  # subset (folder) of Anthropic/hh-rlhf on the Hub: harmless-base, helpful-base, ...
+    split: str = "train"               # the split of a Hub dataset to train on (Anthropic/hh-rlhf validates on its test split)
     num_examples: int = 800            # train on the first N pairs (the default run fits 30 min on 2 CPU cores); 0 = all
     val_size: int = 200                # held-out validation pairs
     skip_bad_lines: bool = False       # count and skip malformed lines instead of stopping
@@ -125,9 +126,17 @@ def held_out_pairs(config: dict) -> list[data.Pair]:
 
 
 def split_data_of(config: TrainConfig, counts: dict | None = None) -> tuple[list[data.Pair], list[data.Pair]]:
-    """The (train, validation) pairs of a run."""
+    """The (train, validation) pairs of a run. Conversational records are rendered with the chat
+    template of the run's model (its tokenizer is loaded only for them)."""
+    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+        return data.chat_renderer(cached_tokenizer(config.model))(messages, add_generation_prompt)
     return data.split_data(config.data, config.hub_subset, config.val_size, config.seed, config.num_examples,
-                           config.skip_bad_lines, counts)
+                           config.skip_bad_lines, counts, config.split, render)
+
+
+@functools.cache
+def cached_tokenizer(name: str):
+    return load_tokenizer(name)
 
 
 def config_from_dict(saved: dict) -> TrainConfig:
@@ -210,30 +219,45 @@ def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", ve
     advises float32 "because the weights stay packed", but here they are dequantised into plain
     nn.Linear weights, where bf16 is the fast choice on a CPU.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as transformers_logging
+    from transformers import AutoModelForCausalLM
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    tokenizer = load_tokenizer(name, verbose)
+    with model_files(name, verbose) as (folder, gguf):
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
+    disable_dropout(model)
+    return model.eval(), tokenizer
+
+
+def load_tokenizer(name: str, verbose: bool = False):
+    """The tokenizer of a model (load_model_and_tokenizer's), alone: enough to render chat data."""
+    from transformers import AutoTokenizer
+    with model_files(name, verbose) as (folder, gguf):
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # only ever used as filler: masks come from lengths
+    return tokenizer
+
+
+@contextlib.contextmanager
+def model_files(name: str, verbose: bool):
+    """(folder or Hub id, GGUF file name or None) of a model name, for from_pretrained; inside,
+    transformers is quiet unless verbose, and any failure is one line, never a traceback."""
+    from transformers.utils import logging as transformers_logging
     name = str(name)
     looks_local = name.endswith(".gguf") or os.path.sep in name or name.startswith(".")
     if looks_local and not os.path.exists(name):
         raise FileNotFoundError(f"model not found: {name}")
-    folder, gguf = (os.path.split(os.path.abspath(name)) if name.endswith(".gguf") else (name, None))
     verbosity = transformers_logging.get_verbosity()
     if not verbose:
         transformers_logging.set_verbosity_error()
     try:  # its progress bars write to sys.stderr directly (the GGUF one ignores transformers' switch)
         with contextlib.redirect_stderr(sys.stderr if verbose else io.StringIO()):
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
-    except Exception as error:  # a missing file, a broken one, or the network: one line, never a traceback
+            yield os.path.split(os.path.abspath(name)) if name.endswith(".gguf") else (name, None)
+    except Exception as error:  # a missing file, a broken one, or the network
         hint = "" if looks_local else "; without the Hub, pass --model a local folder or .gguf file"
         raise FileNotFoundError(f"cannot load model {name!r}: {one_line(error)}{hint}") from None
     finally:
         transformers_logging.set_verbosity(verbosity)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # only ever used as filler: masks come from lengths
-    disable_dropout(model)
-    return model.eval(), tokenizer
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -5,41 +5,40 @@ from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXFor
                           OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 
-def tiny_gpt2(seed: int = 0, vocab_size: int = 64) -> GPT2LMHeadModel:
+def tiny(model_class, config, seed: int):
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
-    return GPT2LMHeadModel(config).eval()
+    return model_class(config).eval()
+
+
+def tiny_gpt2(seed: int = 0, vocab_size: int = 64) -> GPT2LMHeadModel:
+    return tiny(GPT2LMHeadModel, GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                            bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1), seed)
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 64) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
+    return tiny(LlamaForCausalLM, LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
+                                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                              max_position_embeddings=64), seed)
 
 
 def tiny_neox(seed: int = 0, vocab_size: int = 64) -> GPTNeoXForCausalLM:
     """Pythia's architecture, the DPO paper's HH model: fused query_key_value, rotary positions."""
-    torch.manual_seed(seed)
-    config = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=2, max_position_embeddings=64, rotary_pct=0.25)
-    return GPTNeoXForCausalLM(config).eval()
+    return tiny(GPTNeoXForCausalLM, GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
+                                                  num_hidden_layers=2, num_attention_heads=2,
+                                                  max_position_embeddings=64, rotary_pct=0.25), seed)
 
 
 def tiny_qwen2(seed: int = 0, vocab_size: int = 64) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    return Qwen2ForCausalLM(config).eval()
+    return tiny(Qwen2ForCausalLM, Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
+                                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                              max_position_embeddings=64), seed)
 
 
 def tiny_opt(seed: int = 0, vocab_size: int = 64) -> OPTForCausalLM:
     """OPT: nn.Linear layers named q/k/v/out_proj, fc1, fc2: no family we know by name."""
-    torch.manual_seed(seed)
-    config = OPTConfig(vocab_size=vocab_size, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=2,
-                       max_position_embeddings=64, word_embed_proj_dim=32)
-    return OPTForCausalLM(config).eval()
+    return tiny(OPTForCausalLM, OPTConfig(vocab_size=vocab_size, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
+                                          num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32),
+                seed)
 
 
 # Causal LMs of five families, tiny and random: Conv1D, Llama-style names, and three by module type.

@@ -234,23 +234,29 @@ def test_loaded_model_has_no_dropout_so_policy_equals_reference_at_step_zero(tin
     assert torch.equal(result.chosen_rewards, torch.zeros(4)) and torch.equal(result.accuracies, torch.full((4,), 0.5))
 
 
-def test_one_training_step_lowers_the_loss_on_a_fixed_batch(tiny_gpt2_dir, tokenizer):
+@pytest.mark.parametrize("loss_type", ["sigmoid", "sft"])
+def test_training_steps_lower_the_loss_on_a_fixed_batch(tiny_gpt2_dir, tokenizer, loss_type):
+    """DPO from log 2 (policy = reference), SFT (the chosen answers' NLL per token) from the base model's."""
     model, _ = train.load_model_and_tokenizer(tiny_gpt2_dir, "float32")
     lora.add_lora(model, lora.LoRAConfig(r=4))
     items = [data.tokenize_pair(p, tokenizer, 48, 24) for p in data.records_to_pairs(
         enumerate(synthetic_rows(4), 1), "x", False, {})]
     batch = data.collate(items, list(range(4)), tokenizer.eos_token_id)
-    config, reference = train.TrainConfig(beta=0.1), train.ReferenceCache(4)
+    config, reference = train.TrainConfig(loss_type=loss_type), train.ReferenceCache(4)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
-    for _ in range(3):  # B = 0 at the first step, so the first update moves B only
-        loss = train.compute_loss(model, batch, reference, config).losses.mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    final = train.compute_loss(model, batch, reference, config).losses.mean().item()
-    assert losses[0] == pytest.approx(math.log(2)) and final < losses[0]
+    for step in range(4):  # B = 0 at the first step, so the first update moves B only
+        result = train.compute_loss(model, batch, reference, config)
+        losses.append(result.loss.item())
+        if step < 3:
+            result.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert losses[3] < losses[2] < losses[1] < losses[0]
+    if loss_type == "sigmoid":
+        assert losses[0] == pytest.approx(math.log(2))
+    else:
+        assert result.count.tolist() == [len(it.chosen_ids) for it in items]  # the chosen answers only
 
 
 def test_unknown_model_path_is_a_clear_error(tmp_path):
@@ -339,25 +345,6 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path_factory, 
 
 
 # ----- the supervised stage, and DPO after it ------------------------------------------------
-
-def test_one_sft_step_lowers_the_sft_loss_on_a_fixed_batch(tiny_gpt2_dir, tokenizer):
-    model, _ = train.load_model_and_tokenizer(tiny_gpt2_dir, "float32")
-    lora.add_lora(model, lora.LoRAConfig(r=4))
-    items = [data.tokenize_pair(p, tokenizer, 48, 24) for p in data.records_to_pairs(
-        enumerate(synthetic_rows(4), 1), "x", False, {})]
-    batch = data.collate(items, list(range(4)), tokenizer.eos_token_id)
-    config = train.TrainConfig(loss_type="sft")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(3):  # B = 0 at the first step, so the first update moves B only
-        result = train.compute_loss(model, batch, train.ReferenceCache(4), config)
-        result.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(result.loss.item())
-    assert losses[2] < losses[1] < losses[0]
-    assert result.count.tolist() == [len(it.chosen_ids) for it in items]  # the chosen answers only
-
 
 def test_dpo_after_sft_starts_from_the_sft_model_as_policy_and_reference(tmp_path, tiny_gpt2_dir, tokenizer):
     """The SFT adapters merged into the weights: adapters off is the SFT model (exactly the network

@@ -1,0 +1,133 @@
+"""data.py's record formats and files: HH dialogues, explicit prompt/chosen/rejected, and conversational
+messages, from .jsonl, .jsonl.gz, .json and .parquet, all down one path to the same token ids."""
+import gzip
+import json
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+
+import data
+from conftest import gpt2_tokenizer
+
+H, A = "\n\nHuman:", "\n\nAssistant:"
+# A Gemma-style template that writes its own BOS, as many do.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
+                 "m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tokenizer = gpt2_tokenizer()  # no chat template: conversations are rendered as HH writes them
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    tokenizer = gpt2_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.add_bos_token = True  # the tokenizer adds a BOS too: the template's must not be doubled
+    return tokenizer
+
+
+def in_three_formats(turns: list[str], chosen: str, rejected: str) -> dict[str, dict]:
+    """One preference pair as an HH record, an explicit record and a conversational record.
+    turns: the dialogue's messages, human first, ending with a human turn."""
+    roles = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
+    conversation = [{"role": role, "content": text} for role, text in zip(roles, turns)]
+    prompt = data.render_hh(conversation, add_generation_prompt=True)  # "\n\nHuman: ...\n\nAssistant:"
+    return {"hh": {"chosen": prompt + " " + chosen, "rejected": prompt + " " + rejected},
+            "explicit": {"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected},
+            "conversational": {"prompt": conversation, "chosen": [{"role": "assistant", "content": chosen}],
+                               "rejected": [{"role": "assistant", "content": rejected}]}}
+
+
+def write(path, records):
+    """Records into a file of the type its name says."""
+    name = str(path)
+    if name.endswith(".parquet"):
+        import datasets
+        datasets.Dataset.from_list(records).to_parquet(name)
+    elif name.endswith(".json"):
+        path.write_text(json.dumps(records))
+    else:
+        lines = "".join(json.dumps(record) + "\n" for record in records)
+        (gzip.open(path, "wt") if name.endswith(".gz") else open(path, "w")).write(lines)
+    return name
+
+
+text = st.text(st.sampled_from("abcdefgh ijk,.?!'XYZ0123"), min_size=1, max_size=30).map(str.strip).filter(bool)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(turns=st.integers(0, 2).flatmap(lambda n: st.lists(text, min_size=2 * n + 1, max_size=2 * n + 1)),
+       chosen=text, rejected=text)
+def test_one_pair_in_any_format_gives_the_same_token_ids(tokenizer, turns, chosen, rejected):
+    assume(chosen != rejected)
+    records = in_three_formats(turns, chosen, rejected)
+    render = data.chat_renderer(tokenizer)
+    pairs = {name: data.records_to_pairs([(1, record)], name, False, {}, render) for name, record in records.items()}
+    assert pairs["hh"] == pairs["explicit"] == pairs["conversational"] and len(pairs["hh"]) == 1
+    ids = {name: data.tokenize_pair(found[0], tokenizer, 256, 128) for name, found in pairs.items()}
+    assert ids["hh"] == ids["explicit"] == ids["conversational"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".json", ".parquet"])
+@pytest.mark.parametrize("record_format", data.FORMATS)
+def test_every_file_type_holds_every_format(tmp_path, tokenizer, suffix, record_format):
+    pairs = [in_three_formats([f"Question {i}?"], f"Answer {i}.", "No.") for i in range(3)]
+    path = write(tmp_path / f"d{suffix}", [pair[record_format] for pair in pairs])
+    loaded = data.load_pairs(path, render=data.chat_renderer(tokenizer))
+    assert loaded == [data.Pair(f"{H} Question {i}?{A}", f" Answer {i}.", " No.") for i in range(3)]
+
+
+def test_a_chat_template_renders_the_prompt_up_to_the_answer_and_its_bos_is_not_doubled(chat_tokenizer):
+    record = in_three_formats(["Hi there", "Hello!", "Name a colour."], "Blue.", "I won't.")["conversational"]
+    [pair] = data.records_to_pairs([(1, record)], "x", False, {}, data.chat_renderer(chat_tokenizer))
+    assert pair.prompt == ("<|endoftext|><start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\nHello!"
+                           "<end_of_turn>\n<start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\n")
+    assert (pair.chosen, pair.rejected) == ("Blue.<end_of_turn>\n", "I won't.<end_of_turn>\n")
+    item = data.tokenize_pair(pair, chat_tokenizer, 256, 128)
+    bos = chat_tokenizer.bos_token_id
+    assert item.prompt_ids[0] == bos and item.prompt_ids[1] != bos  # the template's BOS, once
+    assert chat_tokenizer("x").input_ids[0] == bos  # (the tokenizer would have added one)
+    chat_tokenizer.chat_template = CHAT_TEMPLATE.replace("'model' if m['role'] == 'assistant' else ", "")
+    try:  # a template that names the answer's turn otherwise than its generation prompt does: refused
+        with pytest.raises(data.DataError, match="does not write the prompt the same way"):
+            data.records_to_pairs([(1, record)], "x", False, {}, data.chat_renderer(chat_tokenizer))
+    finally:
+        chat_tokenizer.chat_template = CHAT_TEMPLATE
+
+
+def test_a_record_of_another_format_is_an_error_naming_the_line_or_a_counted_drop(tmp_path, tokenizer):
+    formats = in_three_formats(["Hi?"], "Yes.", "No.")
+    path = write(tmp_path / "mixed.jsonl", [formats["hh"], formats["explicit"], formats["hh"]])
+    with pytest.raises(data.DataError, match=r"mixed\.jsonl:2: malformed record \(a explicit record in hh data"):
+        data.load_pairs(path)
+    counts = {}
+    assert len(data.load_pairs(path, skip_bad_lines=True, counts=counts)) == 2 and counts == {"malformed line": 1}
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": "q", "chosen": 1, "rejected": "b"}, "'prompt' and 'chosen' and 'rejected' must be strings"),
+    ({"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": []}, "'chosen' must be a list of messages"),
+    ({"prompt": [{"role": "robot", "content": "q"}], "chosen": [], "rejected": []}, "'prompt' must be a list of messages"),
+])
+def test_malformed_records_of_each_format_name_file_and_line(tmp_path, record, message):
+    path = write(tmp_path / "d.jsonl", [record])
+    with pytest.raises(data.DataError, match=rf"d\.jsonl:1: malformed record \({message}"):
+        data.load_pairs(path, render=data.render_hh)
+
+
+def test_conversational_data_without_a_tokenizer_and_unknown_files_are_clear_errors(tmp_path):
+    path = write(tmp_path / "d.jsonl", [in_three_formats(["Hi?"], "Yes.", "No.")["conversational"]])
+    with pytest.raises(data.DataError, match="rendered with the model's chat template"):
+        data.load_pairs(path)
+    (tmp_path / "d.csv").write_text("a,b\n")
+    with pytest.raises(data.DataError, match="must be one of .jsonl, .jsonl.gz, .json, .parquet"):
+        data.load_pairs(str(tmp_path / "d.csv"))
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(data.DataError, match=r"cannot load .*bad\.parquet: "):
+        data.load_pairs(str(tmp_path / "bad.parquet"))
