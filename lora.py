@@ -8,6 +8,10 @@ arXiv 2106.09685. A frozen weight W0 (out x in) gets a trainable low-rank update
 A (r x in) starts random, B (out x r) starts at zero, so the adapted model starts out
 *exactly* equal to the base model. Switching the adapters off gives back the base model,
 which is what DPO's reference model is: one network in memory, not two.
+
+The adapters are saved in our checkpoints (adapter_state_dict) and in peft's adapter folder
+format (write_peft_folder, read_peft_folder), which the rest of the ecosystem reads; this file
+knows that format, not the peft package, and nothing of DPO.
 """
 from __future__ import annotations
 
