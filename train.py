@@ -590,6 +590,8 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     if world_size == 1:
         return 0, 1, device
     import torch.distributed as dist
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's object collectives (rng_states) use the current device
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world_size, device

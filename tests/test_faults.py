@@ -272,3 +272,28 @@ def test_dropout_is_off_everywhere_so_policy_equals_reference_in_train_mode(fami
     result = dpo.dpo_loss(*policy.chunk(2), *reference.chunk(2), beta=0.1)
     assert torch.equal(result.losses, torch.full((2,), math.log(2)))  # exactly: policy == reference
     assert torch.equal(result.chosen_rewards, torch.zeros(2)) and torch.equal(result.rejected_rewards, torch.zeros(2))
+
+
+def test_every_collective_reduces_a_tensor_on_the_runs_device(monkeypatch):
+    """NCCL reduces CUDA tensors only, gloo takes CPU ones: a collective must build its tensor on
+    the run's device, or multi-GPU training stops at its first step. The gloo test above cannot
+    see it (CPU is gloo's device), and no GPU is here, so the reduction is replaced by one that
+    records the tensor's device and stops: "meta" stands for a device that is not the CPU."""
+    import torch.distributed as dist
+
+    class Reduced(Exception):
+        pass
+
+    seen = []
+
+    def record(tensor, *args, **kwargs):
+        seen.append(tensor.device)
+        raise Reduced
+
+    monkeypatch.setattr(dist, "all_reduce", record)
+    device = torch.device("meta")
+    with pytest.raises(Reduced):
+        train.mean_across_ranks([1.0, 2.0], 2, device)
+    with pytest.raises(Reduced):
+        train.any_rank(True, 2, device)
+    assert seen == [device, device]
