@@ -62,10 +62,10 @@ Judge = Callable[[str, str, str], float]
 class JudgeConfig:
     checkpoint: str                    # checkpoint .pt written by train.py
     # answers
-    num_test_questions: int = 5        # held-out prompts answered by both models and judged
+    num_test_questions: int = 5        # held-out prompts answered by every model (base, SFT, DPO) and judged
     max_new_tokens: int = 128          # most tokens per answer (an answer ends earlier at EOS)
     temperature: float = 0.7           # sampling temperature of the answers; 0 = greedy
-    seed: int = 0                      # sampling seed: batch k samples under (seed, k), the same for both models
+    seed: int = 0                      # sampling seed: batch k samples under (seed, k), the same for every model
     batch_size: int = 8                # prompts generated together, left-padded
     # judge
     judge_model: str = ""              # GGUF file of the judge; empty = the seed's Llama-2-7b-chat from the Hub (offline: Gemma 3 270M, at chance)
@@ -114,7 +114,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     The batches are fixed, batch k = prompts[k*B : (k+1)*B], and batch k samples under its own
     seed, from (seed, k): an answer depends on the seed and its batch, never on what was
     generated before. So a resumed run that regenerates a batch gets the answers an
-    uninterrupted run got, and the base and DPO models draw the same random numbers.
+    uninterrupted run got, and the base, SFT and DPO models draw the same random numbers.
 
     Prompts are left-padded so that each ends where generation starts; generate() takes the
     position ids from the attention mask, which GPT-2's absolute positions need (docs/PITFALLS.md 4).
