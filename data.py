@@ -1,9 +1,10 @@
-"""Preference data: HH-RLHF records -> (prompt, chosen, rejected) -> token ids -> batches.
+"""Preference data: records (HH-RLHF dialogues, explicit prompt/chosen/rejected, or chat
+messages) -> (prompt, chosen, rejected) -> token ids -> batches.
 
 Knows nothing of models, losses or training: its functions take plain arguments (paths,
-sizes, a tokenizer) and give plain things back, as the DPO authors keep
-preference_datasets.py beside trainers.py. The traps it avoids (docs/PITFALLS.md 1, 2, 4, 11)
-are each pinned by a test in tests/test_train.py.
+sizes, a tokenizer or its chat template) and give plain things back, as the DPO authors keep
+preference_datasets.py beside trainers.py. The traps it avoids (docs/PITFALLS.md 1, 2, 4, 11,
+14) are each pinned by a test in tests/test_train.py or tests/test_data.py.
 """
 from __future__ import annotations
 
