@@ -12,7 +12,7 @@ import gzip
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -319,16 +319,50 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int, max_prompt_len
 
 @dataclass
 class Batch:
-    input_ids: Tensor       # (2B, T): B chosen sequences, then their B rejected ones
-    attention_mask: Tensor  # (2B, T): 1 on prompt and response, 0 on padding
-    response_mask: Tensor   # (2B, T): True on response tokens only (EOS included)
-    index: Tensor           # (B,): which pairs, for the reference cache
+    """What one forward pass reads, and which of its hidden states score which response token.
+
+    B pairs make 2B sequences, s = 0..B-1 chosen, B..2B-1 rejected. They are laid out as R rows
+    of T tokens: two rows a pair (collate, R = 2B), or one row a pair that holds the prompt
+    once (collate_shared, R = B). Sequence s lives in row s % R either way.
+    """
+    input_ids: Tensor       # (R, T) token rows, right-padded
+    attention_mask: Tensor  # (R, T) 1 on tokens, 0 on padding; or (R, 1, T, T) bool: query q may see key k
+    position_ids: Tensor    # (R, T) each token's position in its own sequence
+    response_mask: Tensor   # (R, T) True on response tokens (EOS included), never prompt or padding
+    source: Tensor          # (2B, L) for the l-th response token of sequence s: the column of its row
+                            #         whose hidden state predicts it (the token before it in s)
+    targets: Tensor         # (2B, L) that response token
+    target_mask: Tensor     # (2B, L) True on the sequence's response tokens, False on padding
+    index: Tensor           # (B,) which pairs, for the reference cache
+
+    @property
+    def sequence_tokens(self) -> int:
+        """Tokens of the 2B sequences, prompt counted in both: what a two-row batch holds
+        without padding, whichever layout this batch has (bench/ counts speed in these)."""
+        prompt_lengths = self.source[:, 0] + 1  # the first response token is predicted at the prompt's end
+        return int(prompt_lengths.sum() + self.target_mask.sum())
+
+
+def scored_positions(batch_sources: list[list[int]], batch_targets: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Lists of (source column, target token) per sequence -> source, targets, target_mask (2B, L)."""
+    width = max(len(t) for t in batch_targets)
+    source = torch.zeros((len(batch_targets), width), dtype=torch.long)
+    targets = torch.zeros((len(batch_targets), width), dtype=torch.long)
+    target_mask = torch.zeros((len(batch_targets), width), dtype=torch.bool)
+    for s, (columns, tokens) in enumerate(zip(batch_sources, batch_targets)):
+        source[s, :len(columns)] = torch.tensor(columns)
+        targets[s, :len(tokens)] = torch.tensor(tokens)
+        target_mask[s, :len(tokens)] = True
+    return source, targets, target_mask
 
 
 def collate(items: list[TokenizedPair], index: list[int], pad_id: int) -> Batch:
-    """Right-padded (docs/PITFALLS.md 4): positions start at 0 in every row, as GPT-2's absolute
+    """Two rows a pair, prompt + chosen and prompt + rejected: every model can read this.
+
+    Right-padded (docs/PITFALLS.md 4): positions start at 0 in every row, as GPT-2's absolute
     position embeddings expect. Padding is found from lengths, never by comparing ids with
-    pad_id, which may equal EOS (docs/PITFALLS.md 2)."""
+    pad_id, which may equal EOS (docs/PITFALLS.md 2). Response token t of a row is predicted by
+    the hidden state at t - 1: the one-position shift."""
     sequences = [(it.prompt_ids, it.chosen_ids) for it in items] + [(it.prompt_ids, it.rejected_ids) for it in items]
     width = max(len(p) + len(r) for p, r in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -339,20 +373,70 @@ def collate(items: list[TokenizedPair], index: list[int], pad_id: int) -> Batch:
         input_ids[row, :n] = torch.tensor(prompt + response)
         attention_mask[row, :n] = 1
         response_mask[row, len(prompt):n] = True
-    return Batch(input_ids, attention_mask, response_mask, torch.tensor(index))
+    position_ids = torch.arange(width).expand(len(sequences), width)
+    source, targets, target_mask = scored_positions(
+        [list(range(len(p) - 1, len(p) + len(r) - 1)) for p, r in sequences], [r for _, r in sequences])
+    return Batch(input_ids, attention_mask, position_ids, response_mask, source, targets, target_mask,
+                 torch.tensor(index))
+
+
+def collate_shared(items: list[TokenizedPair], index: list[int], pad_id: int) -> Batch:
+    """One row a pair, prompt + chosen + rejected: the prompt is computed once, not twice.
+
+    Prefix sharing (Wang & Hegde 2024, "Accelerating Direct Preference Optimization with
+    Prefix Sharing", arXiv 2410.20305). Two things make the row compute exactly what the two
+    rows of collate compute:
+      - a block mask: every token sees the prompt and the earlier tokens of its own response;
+        rejected tokens never see chosen ones;
+      - positions: the rejected response's positions continue from the prompt's end, as in
+        its own row (P, P+1, ...), not from the chosen response's end.
+    The first rejected token is predicted by the prompt's last hidden state, which also
+    predicts the first chosen token.
+
+        row:       [ prompt (P) | chosen (C) | rejected (R) | padding ]
+        position:    0 .. P-1     P .. P+C-1   P .. P+R-1     0
+        sees:        causal       prompt +     prompt +       itself only (no row of the
+                                  chosen<=t    rejected<=t    mask may be empty)
+    """
+    width = max(len(it.prompt_ids) + len(it.chosen_ids) + len(it.rejected_ids) for it in items)
+    rows = len(items)
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((rows, width), dtype=torch.long)
+    response_mask = torch.zeros((rows, width), dtype=torch.bool)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()   # (T, T): key <= query
+    attention_mask = torch.eye(width, dtype=torch.bool).repeat(rows, 1, 1)  # (R, T, T)
+    chosen_sources, rejected_sources = [], []
+    for row, it in enumerate(items):
+        p, c, r = len(it.prompt_ids), len(it.chosen_ids), len(it.rejected_ids)
+        n = p + c + r
+        input_ids[row, :n] = torch.tensor(it.prompt_ids + it.chosen_ids + it.rejected_ids)
+        position_ids[row, :n] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+        response_mask[row, p:n] = True
+        attention_mask[row, :n, :n] = causal[:n, :n]
+        attention_mask[row, p + c:n, p:p + c] = False  # rejected queries never see chosen keys
+        chosen_sources.append(list(range(p - 1, p + c - 1)))
+        rejected_sources.append([p - 1] + list(range(p + c, n - 1)))
+    source, targets, target_mask = scored_positions(
+        chosen_sources + rejected_sources, [it.chosen_ids for it in items] + [it.rejected_ids for it in items])
+    return Batch(input_ids, attention_mask[:, None], position_ids, response_mask, source, targets, target_mask,
+                 torch.tensor(index))
 
 
 def chosen_rows(batch: Batch) -> Batch:
-    """The chosen sequences of a collated batch (its first half), without the columns only the
+    """The chosen sequences of a two-row batch (its first half), without the columns only the
     rejected ones needed: what the supervised stage trains on."""
+    if batch.attention_mask.dim() != 2:
+        raise ValueError("chosen_rows takes a two-row batch (collate), not a shared-prefix one")
     half = batch.input_ids.shape[0] // 2
     width = int(batch.attention_mask[:half].sum(-1).max())  # right-padded: the longest chosen row
-    return Batch(batch.input_ids[:half, :width], batch.attention_mask[:half, :width],
-                 batch.response_mask[:half, :width], batch.index)
+    scored = int(batch.target_mask[:half].sum(-1).max())
+    return Batch(batch.input_ids[:half, :width], batch.attention_mask[:half, :width], batch.position_ids[:half, :width],
+                 batch.response_mask[:half, :width], batch.source[:half, :scored], batch.targets[:half, :scored],
+                 batch.target_mask[:half, :scored], batch.index)
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
-    return Batch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.response_mask.to(device), batch.index)
+    return Batch(*(getattr(batch, f.name).to(device) if f.name != "index" else batch.index for f in fields(Batch)))
 
 
 def padded_length(item: TokenizedPair) -> int:

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import inspect
 import io
 import json
 import math
@@ -53,6 +54,7 @@ class TrainConfig:
     skip_bad_lines: bool = False       # count and skip malformed lines instead of stopping
     max_length: int = 192              # prompt + response tokens per sequence
     max_prompt_length: int = 96        # prompt tokens kept (the last ones)
+    prefix_sharing: bool = True        # one row a pair, the prompt computed once (data.collate_shared); off: two rows
     # model and adapters
     model: str = HUB_MODEL             # Hub id (gpt2: the bundled Gemma 3 270M when the Hub cannot be reached), local model folder, or .gguf file
     dtype: str = "bfloat16"            # base weights: bfloat16 (run under autocast, fast on CPU) or float32; log-probs fp32
@@ -287,6 +289,47 @@ def output_layer(model: nn.Module):
     return lambda hidden: torch.tanh(head(hidden) / cap) * cap
 
 
+def prefix_sharing_blocker(model: nn.Module, max_length: int) -> str | None:
+    """Why the model cannot read data.collate_shared's rows exactly as it reads two rows, or None.
+
+    The shared row needs a custom (R, 1, T, T) mask, which transformers passes as it is to its
+    sdpa and eager attention (not to flash or flex attention), and position ids the model reads.
+    A sliding window shorter than a sequence would cut what the two-row forward sees, and the
+    custom mask does not know it."""
+    attention = getattr(model.config, "_attn_implementation", None)
+    window = getattr(model.config, "sliding_window", None)
+    if attention not in ("sdpa", "eager"):
+        return f"its {attention} attention takes no custom mask"
+    if window and window < max_length:
+        return f"its sliding window ({window} tokens) is shorter than --max-length {max_length}"
+    if "position_ids" not in inspect.signature(model.base_model.forward).parameters:
+        return f"{type(model.base_model).__name__} takes no position ids"
+    return None
+
+
+def collate_function(config: TrainConfig, model: nn.Module, pad_id: int,
+                     announce: typing.Callable[[str], None] = print) -> typing.Callable[[list, list], data.Batch]:
+    """How a run lays out its batches: one row a pair (the prompt shared) where the model can
+    read it, else two rows, said once. The supervised stage reads chosen rows only: two rows."""
+    if config.loss_type == "sft" or not config.prefix_sharing:
+        return functools.partial(data.collate, pad_id=pad_id)
+    reason = prefix_sharing_blocker(model, config.max_length)
+    if reason is not None:
+        announce(f"prefix sharing off: {reason}; chosen and rejected run as two rows (the same log-probs, "
+                 f"the prompt computed twice)")
+        return functools.partial(data.collate, pad_id=pad_id)
+    return functools.partial(data.collate_shared, pad_id=pad_id)
+
+
+def attention_mask_for(model: nn.Module, mask: Tensor) -> Tensor:
+    """A shared-prefix batch's boolean (R, 1, T, T) mask as the model's attention takes it: sdpa
+    reads booleans, eager attention adds the mask to its scores (0 where seen, a huge negative
+    number where not). A two-row batch's (R, T) padding mask goes as it is."""
+    if mask.dim() == 4 and model.config._attn_implementation == "eager":
+        return torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(~mask, torch.finfo(model.dtype).min)
+    return mask
+
+
 def batch_logps(model: nn.Module, batch: data.Batch) -> dpo.SequenceLogps:
     """log pi(y|x) of every sequence of the batch: one forward pass for chosen and rejected.
 
@@ -295,8 +338,9 @@ def batch_logps(model: nn.Module, batch: data.Batch) -> dpo.SequenceLogps:
     from fp32; autocast stays within 1e-3 of it and equals TRL's bf16 loss (bench/).
     """
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.dtype == torch.bfloat16):
-        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state  # (2B, T, H)
-        return dpo.sequence_logps_from_hidden(hidden, output_layer(model), batch.input_ids, batch.response_mask)
+        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=attention_mask_for(model, batch.attention_mask),
+                                  position_ids=batch.position_ids).last_hidden_state  # (R, T, H)
+        return dpo.sequence_logps_from_hidden(hidden, output_layer(model), batch.source, batch.targets, batch.target_mask)
 
 
 class Scorer(nn.Module):
@@ -307,8 +351,8 @@ class Scorer(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return tuple(batch_logps(self.model, data.Batch(input_ids, attention_mask, response_mask, torch.empty(0))))
+    def forward(self, *tensors: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # data.Batch's tensors, index last
+        return tuple(batch_logps(self.model, data.Batch(*tensors)))
 
 
 def loss_logps(logps: dpo.SequenceLogps, loss_type: str) -> Tensor:
@@ -344,7 +388,7 @@ def policy_logps_of(model: nn.Module, batch: data.Batch, scorer: nn.Module | Non
     """batch_logps through the DDP-wrapped Scorer under torchrun (scorer), else the model itself."""
     if scorer is None:
         return batch_logps(model, batch)
-    return dpo.SequenceLogps(*scorer(batch.input_ids, batch.attention_mask, batch.response_mask))
+    return dpo.SequenceLogps(*scorer(*(getattr(batch, field.name) for field in dataclasses.fields(data.Batch))))
 
 
 def compute_loss(model: nn.Module, batch: data.Batch, reference: ReferenceCache, config: TrainConfig,
@@ -390,14 +434,14 @@ def mean_metrics(result: dpo.PreferenceLoss | dpo.SupervisedLoss) -> dict:
 
 @torch.no_grad()
 def validation_metrics(model: nn.Module, items: list[data.TokenizedPair], reference: ReferenceCache,
-                       config: TrainConfig, pad_id: int) -> dict:
+                       config: TrainConfig, collate: typing.Callable[[list, list], data.Batch]) -> dict:
     """Validation metrics over all held-out pairs (pairs weighted equally). Batches of pairs of
     similar length: the order of a mean does not matter, and padding is wasted work."""
     order = sorted(range(len(items)), key=lambda i: data.padded_length(items[i]))
     results = []
     for start in range(0, len(items), config.batch_size):
         index = order[start:start + config.batch_size]
-        batch = data.to_device(data.collate([items[i] for i in index], index, pad_id), model.device)
+        batch = data.to_device(collate([items[i] for i in index], index), model.device)
         results.append(compute_loss(model, batch, reference, config))
     metrics = mean_metrics(type(results[0]).concatenate(results))
     metrics["n"] = len(items)
@@ -666,7 +710,7 @@ class Run:
     val_items: list[data.TokenizedPair]
     dropped: dict                        # reason -> pairs dropped
     model: nn.Module
-    pad_id: int
+    collate: typing.Callable[[list, list], data.Batch]  # (items, index) -> a batch: collate_function
     lora_config: lora.LoRAConfig
     sft_stage: dict | None               # the SFT run this one starts from (sft_stage_of), saved in its checkpoints
     scorer: nn.Module | None             # the DDP-wrapped Scorer under torchrun
@@ -689,7 +733,7 @@ class Run:
             self.epoch_order = {epoch: data.epoch_batches(self.train_items, self.world_size * self.config.batch_size,
                                                      self.config.seed, epoch)}
         index = self.epoch_order[epoch][offset][self.rank * self.config.batch_size:(self.rank + 1) * self.config.batch_size]
-        return data.to_device(data.collate([self.train_items[i] for i in index], index, self.pad_id), self.device)
+        return data.to_device(self.collate([self.train_items[i] for i in index], index), self.device)
 
 
 def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.device,
@@ -748,7 +792,7 @@ def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.dev
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     return Run(config, rank, world_size, device, run_dir, train_items, val_items, dropped, model,
-               tokenizer.pad_token_id, lora_config, sft_stage, scorer, optimizer, ReferenceCache(len(train_items)),
+               collate_function(config, model, tokenizer.pad_token_id, say if rank == 0 else lambda _: None), lora_config, sft_stage, scorer, optimizer, ReferenceCache(len(train_items)),
                ReferenceCache(len(val_items)), batches_per_epoch, total_steps)
 
 
@@ -771,7 +815,7 @@ def checkpoint(run: Run, state: RunState, rng: list[dict] | None = None) -> dict
 def validate(run: Run, state: RunState, metrics_file, say) -> None:
     """Validate (rank 0 only), log a row, keep best.pt, and decide early stopping."""
     run.model.eval()
-    metrics = validation_metrics(run.model, run.val_items, run.val_reference, run.config, run.pad_id)
+    metrics = validation_metrics(run.model, run.val_items, run.val_reference, run.config, run.collate)
     run.model.train()
     write_metrics(metrics_file, {"step": state.step, "split": "val", **metrics})
     say(f"step {state.step} validation: {format_metrics(metrics)}")

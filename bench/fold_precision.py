@@ -24,5 +24,6 @@ for name in ("unmerged", "folded"):
     if name == "folded":
         lora.fold_adapters(model)
     start = time.time()
-    metrics = train.validation_metrics(model, items, train.ReferenceCache(len(items)), config, tokenizer.pad_token_id)
+    collate = train.collate_function(config, model, tokenizer.pad_token_id)
+    metrics = train.validation_metrics(model, items, train.ReferenceCache(len(items)), config, collate)
     print(f"{name}: {metrics} ({time.time() - start:.0f} s)")

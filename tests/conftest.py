@@ -1,7 +1,7 @@
 """Tiny random models: fast, offline, and real transformers architectures."""
 import pytest
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
                           OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 
@@ -19,6 +19,15 @@ def tiny_llama(seed: int = 0, vocab_size: int = 64) -> LlamaForCausalLM:
     return tiny(LlamaForCausalLM, LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
                                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                               max_position_embeddings=64), seed)
+
+
+def tiny_gemma3(seed: int = 0, vocab_size: int = 64, sliding_window: int = 64) -> Gemma3ForCausalLM:
+    """Gemma 3's text model: rotary positions, grouped-query attention, sliding-window layers
+    beside full ones, query/key norms: the bundled Gemma 3 270M in small."""
+    return tiny(Gemma3ForCausalLM, Gemma3TextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
+                                                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                                    head_dim=16, max_position_embeddings=64, sliding_window=sliding_window,
+                                                    layer_types=["sliding_attention", "full_attention"]), seed)
 
 
 def tiny_neox(seed: int = 0, vocab_size: int = 64) -> GPTNeoXForCausalLM:

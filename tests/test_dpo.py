@@ -260,15 +260,16 @@ def test_shapes_that_disagree_raise():
 
 
 @settings(max_examples=20, deadline=None)
-@given(st.integers(1, 70), st.integers(2, 300), st.sampled_from([torch.float32, torch.bfloat16]), st.integers(0, 2**31 - 1))
-def test_chunked_token_logps_equal_the_plain_ones_in_value_and_gradient(rows, vocab, dtype, seed):
+@given(st.integers(1, 70), st.integers(2, 300), st.sampled_from([torch.float32, torch.bfloat16]), st.integers(0, 2**31 - 1),
+       st.integers(1, 20))
+def test_chunked_token_logps_equal_the_plain_ones_in_value_and_gradient(rows, vocab, dtype, seed, chunk_rows):
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(rows, vocab, generator=g) * 4).to(dtype)
     targets = torch.randint(0, vocab, (rows,), generator=g)
     upstream = torch.randn(rows, generator=g)
     plain_logits, chunked_logits = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
     plain = dpo.token_logps(plain_logits, targets)
-    chunked = dpo.ChunkedTokenLogps.apply(chunked_logits, targets, 16)
+    chunked = dpo.ChunkedTokenLogps.apply(chunked_logits, targets, chunk_rows)
     torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-5)
     (plain * upstream).sum().backward()
     (chunked * upstream).sum().backward()

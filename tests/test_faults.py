@@ -263,8 +263,8 @@ def test_dropout_is_off_everywhere_so_policy_equals_reference_in_train_mode(fami
     train.disable_dropout(model)
     lora.add_lora(model, lora.LoRAConfig(r=4))
     model.train()
-    ids = torch.randint(0, 64, (4, 12))
-    batch = data.Batch(ids, torch.ones_like(ids), torch.arange(12).expand(4, 12) >= 5, torch.arange(2))
+    ids = torch.randint(0, 64, (4, 12)).tolist()
+    batch = data.collate([data.TokenizedPair(ids[i][:5], ids[i][5:], ids[i + 2][5:]) for i in range(2)], [0, 1], pad_id=0)
     policy = train.batch_logps(model, batch).sum
     with torch.no_grad(), lora.adapters_disabled(model):
         reference = train.batch_logps(model, batch).sum

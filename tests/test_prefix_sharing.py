@@ -1,0 +1,121 @@
+"""Prefix sharing (data.collate_shared): one row a pair, prompt + chosen + rejected, computes
+the very log-probs and gradients of the two-row forward (data.collate), on models with
+absolute positions (GPT-2, Conv1D) and rotary ones (Llama, Gemma 3, ...), in both attention
+implementations that take the block mask. Where a model cannot take it, the run says so once
+and reads two rows."""
+import functools
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import data
+import lora
+import train
+from conftest import FAMILIES, tiny_gemma3
+
+MODELS = {**FAMILIES, "gemma3": tiny_gemma3}
+VOCAB = 64
+
+
+@functools.cache
+def adapted_model(family: str, attention: str):
+    """A tiny model of the family with LoRA adapters whose B is nonzero (so they matter)."""
+    model = MODELS[family]()
+    model.set_attn_implementation(attention)
+    lora.add_lora(model, lora.LoRAConfig(r=4))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.1)
+    return model
+
+
+def token_lists(min_size: int, max_size: int):
+    return st.lists(st.integers(0, VOCAB - 2), min_size=min_size, max_size=max_size)
+
+
+pairs = st.lists(st.builds(data.TokenizedPair, token_lists(1, 12), token_lists(1, 10), token_lists(1, 10)),
+                 min_size=1, max_size=4)
+
+
+def both_layouts(model, items, pad_id):
+    """(two-row log-probs, shared-row log-probs) of the same pairs, and the two batches."""
+    index = list(range(len(items)))
+    two_rows, shared = data.collate(items, index, pad_id), data.collate_shared(items, index, pad_id)
+    return train.batch_logps(model, two_rows), train.batch_logps(model, shared), two_rows, shared
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", MODELS)
+@settings(max_examples=15, deadline=None)
+@given(items=pairs, pad_id=st.sampled_from([0, VOCAB - 1]))
+def test_one_shared_row_a_pair_gives_the_log_probs_of_two_rows(family, attention, items, pad_id):
+    """Any prompt and response lengths, any padding, any batch size: the same sum, mean and
+    count for every chosen and rejected sequence."""
+    model = adapted_model(family, attention)
+    assert train.prefix_sharing_blocker(model, 64) is None
+    with torch.no_grad():
+        two_rows, shared, two_row_batch, shared_batch = both_layouts(model, items, pad_id)
+    torch.testing.assert_close(shared.sum, two_rows.sum, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared.mean, two_rows.mean, rtol=1e-5, atol=1e-5)
+    assert torch.equal(shared.count, two_rows.count)
+    assert shared_batch.sequence_tokens == int(two_row_batch.attention_mask.sum())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
+@settings(max_examples=10, deadline=None)
+@given(items=pairs)
+def test_one_shared_row_a_pair_gives_the_gradients_of_two_rows(family, items):
+    """The DPO-shaped objective (chosen minus rejected) backpropagates to the same adapter
+    gradients through both layouts."""
+    model = adapted_model(family, "sdpa")
+    gradients = []
+    for collate in (data.collate, data.collate_shared):
+        model.zero_grad(set_to_none=True)
+        chosen, rejected = train.batch_logps(model, collate(items, list(range(len(items))), 0)).sum.chunk(2)
+        (chosen - rejected).sum().backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-4, atol=1e-5)
+
+
+def test_the_shared_row_holds_the_prompt_once_with_its_positions_mask_and_scored_tokens():
+    """A worked example: prompt [1, 2, 3], chosen [4, 5], rejected [6, 7, 8], and a shorter pair."""
+    items = [data.TokenizedPair([1, 2, 3], [4, 5], [6, 7, 8]), data.TokenizedPair([1], [9], [10])]
+    batch = data.collate_shared(items, [0, 1], pad_id=0)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8], [1, 9, 10, 0, 0, 0, 0, 0]]
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]  # rejected starts where chosen did
+    seen = batch.attention_mask[0, 0].int().tolist()  # query row t: which keys it sees
+    assert seen[4] == [1, 1, 1, 1, 1, 0, 0, 0]       # chosen's 5: the prompt and chosen up to itself
+    assert seen[7] == [1, 1, 1, 0, 0, 1, 1, 1]       # rejected's 8: the prompt and rejected, never chosen
+    assert batch.attention_mask[1, 0, 5].int().tolist() == [0, 0, 0, 0, 0, 1, 0, 0]  # padding sees itself only
+    # sequences 0, 1 chosen; 2, 3 rejected: the hidden state at source predicts the target
+    assert batch.source[0].tolist() == [2, 3, 0] and batch.targets[0].tolist()[:2] == [4, 5]
+    assert batch.source[2].tolist() == [2, 5, 6] and batch.targets[2].tolist() == [6, 7, 8]
+    assert batch.source[3][:1].tolist() == [0] and batch.targets[3][:1].tolist() == [10]
+    assert batch.target_mask.sum(-1).tolist() == [2, 1, 3, 1]
+    assert batch.sequence_tokens == (3 + 2) + (3 + 3) + (1 + 1) + (1 + 1)
+
+
+@pytest.mark.parametrize("why, change", [
+    ("its flash_attention_2 attention takes no custom mask", lambda m: setattr(m.config, "_attn_implementation", "flash_attention_2")),
+    ("its sliding window (16 tokens) is shorter than --max-length 48", lambda m: setattr(m.config, "sliding_window", 16)),
+])
+def test_a_model_that_cannot_take_the_mask_reads_two_rows_and_says_so_once(why, change):
+    model = tiny_gemma3()
+    change(model)
+    said = []
+    config = train.TrainConfig(max_length=48, max_prompt_length=24)
+    collate = train.collate_function(config, model, pad_id=0, announce=said.append)
+    assert collate.func is data.collate
+    assert said == [f"prefix sharing off: {why}; chosen and rejected run as two rows (the same log-probs, "
+                    f"the prompt computed twice)"]
+
+
+def test_sft_and_prefix_sharing_off_read_two_rows_silently_and_dpo_shares_the_prompt():
+    model, said = tiny_gemma3(), []
+    layout = lambda **overrides: train.collate_function(train.TrainConfig(max_length=48, max_prompt_length=24, **overrides),
+                                                        model, 0, said.append).func
+    assert layout() is data.collate_shared
+    assert layout(loss_type="sft") is data.collate and layout(prefix_sharing=False) is data.collate
+    assert said == []
