@@ -103,11 +103,8 @@ class LoRALayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)  # W0 x: (..., out)
         if self.enabled and not self.merged:
-            # The adapter's matmuls run in the dtype the base's do: under autocast that is bf16
-            # whatever x is, so casting x up to A's fp32 first would only add two copies of it.
-            device = x.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.lora_A.dtype
-            update = (self.dropout(x).to(dtype) @ self.lora_A.T) @ self.lora_B.T  # (..., r) -> (..., out): B A x
+            x_in = self.dropout(x).to(self.lora_A.dtype)
+            update = (x_in @ self.lora_A.T) @ self.lora_B.T  # (..., r) -> (..., out): B A x
             y = y + (self.scaling * update).to(y.dtype)
         return y
 
