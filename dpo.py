@@ -35,7 +35,8 @@ class SequenceLogps(NamedTuple):
 
 
 def next_token_targets(input_ids: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """The one place where the one-position shift happens.
+    """The one-position shift, for the plain definition (sequence_logps). Training writes the
+    same shift down as data.Batch.source (data.collate), which prefix sharing needs to bend.
 
     The logits at position t predict the token at position t+1, so position t is scored
     against input_ids[t+1] and counts only when that *target* token is a response token.

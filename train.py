@@ -2,9 +2,10 @@
 
     python train.py --beta 0.1
 
-A step: batch -> one forward of chosen and rejected together -> DPO loss against cached
-reference log-probs -> backward -> clip -> AdamW step -> learning-rate schedule. The
-reference model is the same network with its adapters switched off (lora.adapters_disabled).
+A step: batch -> one forward of chosen and rejected together, the prompt computed once
+(data.collate_shared) -> DPO loss against cached reference log-probs -> backward -> clip ->
+AdamW step -> learning-rate schedule. The reference model is the same network with its
+adapters switched off (lora.adapters_disabled).
 
 The paper's recipe for HH, where no SFT model exists (Section 4): first fine-tune on the
 chosen answers, then DPO from there, the SFT model being both start and reference:
