@@ -336,7 +336,9 @@ def batch_logps(model: nn.Module, batch: data.Batch) -> dpo.SequenceLogps:
 
     With bf16 weights the forward runs under autocast, as mixed-precision training does: the
     matmuls in bf16, the precision-sensitive ops in fp32. Plain bf16 moved a Gemma loss by 0.02
-    from fp32; autocast stays within 1e-3 of it and equals TRL's bf16 loss (bench/).
+    from fp32; autocast stays within 1e-3 of it and, laid out in TRL's two rows, equals TRL's
+    bf16 loss (bench/). The batch's layout (data.collate or data.collate_shared) reaches the
+    model as its mask and position ids; which hidden state scores which token, as source.
     """
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.dtype == torch.bfloat16):
         hidden = model.base_model(input_ids=batch.input_ids, attention_mask=attention_mask_for(model, batch.attention_mask),
