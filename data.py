@@ -4,7 +4,8 @@ messages) -> (prompt, chosen, rejected) -> token ids -> batches.
 Knows nothing of models, losses or training: its functions take plain arguments (paths,
 sizes, a tokenizer or its chat template) and give plain things back, as the DPO authors keep
 preference_datasets.py beside trainers.py. The traps it avoids (docs/PITFALLS.md 1, 2, 4, 11,
-14) are each pinned by a test in tests/test_train.py or tests/test_data.py.
+14, 15) are each pinned by a test in tests/test_train.py, tests/test_data.py or
+tests/test_prefix_sharing.py.
 """
 from __future__ import annotations
 
@@ -384,14 +385,14 @@ def collate_shared(items: list[TokenizedPair], index: list[int], pad_id: int) ->
     """One row a pair, prompt + chosen + rejected: the prompt is computed once, not twice.
 
     Prefix sharing (Wang & Hegde 2024, "Accelerating Direct Preference Optimization with
-    Prefix Sharing", arXiv 2410.20305). Two things make the row compute exactly what the two
-    rows of collate compute:
+    Prefix Sharing", arXiv 2410.20305). Three things make the row compute exactly what the two
+    rows of collate compute (docs/PITFALLS.md 15):
       - a block mask: every token sees the prompt and the earlier tokens of its own response;
         rejected tokens never see chosen ones;
       - positions: the rejected response's positions continue from the prompt's end, as in
         its own row (P, P+1, ...), not from the chosen response's end.
-    The first rejected token is predicted by the prompt's last hidden state, which also
-    predicts the first chosen token.
+      - scores: the first rejected token is predicted by the prompt's last hidden state, which
+        also predicts the first chosen token, not by the chosen response's last one.
 
         row:       [ prompt (P) | chosen (C) | rejected (R) | padding ]
         position:    0 .. P-1     P .. P+C-1   P .. P+R-1     0

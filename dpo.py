@@ -60,7 +60,7 @@ def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
-LOGSUMEXP_CHUNK_ROWS = 8  # rows of (rows, V) fp32 work at a time: 8 MB over Gemma's 262k vocabulary stays in cache (bench/)
+LOGSUMEXP_CHUNK_ROWS = 8  # rows of (rows, V) fp32 work at a time: 8 MB over Gemma's 262k vocabulary stays in cache
 
 
 class ChunkedTokenLogps(torch.autograd.Function):
@@ -73,7 +73,8 @@ class ChunkedTokenLogps(torch.autograd.Function):
         d log softmax(z)_y / dz = onehot(y) - softmax(z)
 
     Small chunks are the point on a CPU: each pass over a chunk finds it still in cache, where
-    a pass over all (N, V) rows goes to memory (bench/: 64 rows a chunk took 2x as long).
+    a pass over all (N, V) rows goes to memory (bench/levers.py: a Gemma step x1.19 faster than
+    with 64-row chunks).
     """
 
     @staticmethod
