@@ -10,6 +10,7 @@ tests/test_prefix_sharing.py.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import random
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 ASSISTANT = "\n\nAssistant:"      # an HH-RLHF prompt ends at the last one
+HUMAN = "\n\nHuman:"              # where a dialogue's next human turn starts
 HUB_DATASET = "Anthropic/hh-rlhf"  # the default data, from the Hugging Face Hub
 # The stand-in when the Hub cannot be reached: 2,000 real HH-RLHF pairs of the Hub's test
 # split, shipped in data/ (see data/README.md).
@@ -97,11 +99,35 @@ def render_hh(messages: list[dict], add_generation_prompt: bool) -> str:
 
 
 def chat_renderer(tokenizer) -> Render:
-    """The tokenizer's own chat template if it has one, else render_hh."""
+    """The tokenizer's own chat template if it has one, else render_hh. A template that refuses
+    a conversation (raise_exception: Gemma 2 on a system turn, Llama 2 on roles that do not
+    alternate) makes the record malformed: a ValueError, named by file:line like any other."""
     if not getattr(tokenizer, "chat_template", None):
         return render_hh
-    return lambda messages, add_generation_prompt: tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    from jinja2 import TemplateError
+
+    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except TemplateError as error:
+            raise ValueError(f"the chat template refuses it: {one_line(error)}") from None
+    return render
+
+
+def assistant_turn_end(render: Render) -> str:
+    """What the chat template writes after an assistant's message, where its turn ends
+    ("<end_of_turn>\n" for Gemma's); "" for HH text, whose turns end where "\n\nHuman:" starts."""
+    marker = "\x00answer\x00"
+    text = render([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}], False)
+    return text[text.index(marker) + len(marker):]
+
+
+def plain_answer(text: str, turn_end: str) -> str:
+    """An answer as text a reader (or a judge) compares: up to the end of the assistant's turn
+    (turn_end, its markup) or the start of a next human turn, whichever comes first."""
+    if turn_end.strip():
+        text = text.split(turn_end.strip())[0]
+    return text.split(HUMAN)[0]
 
 
 def strings(record: dict, *keys: str) -> list[str]:
@@ -138,6 +164,10 @@ def record_to_pair(record: dict, record_format: str, render: Render | None) -> P
     if record_format == "explicit":
         return checked_pair(*strings(record, "prompt", "chosen", "rejected"))
     prompt_messages, chosen, rejected = (messages(record, key) for key in ("prompt", "chosen", "rejected"))
+    for key, answer in (("chosen", chosen), ("rejected", rejected)):
+        others = sorted({message["role"] for message in answer} - {"assistant"})
+        if others:  # else the model learns to write the human's next turn
+            raise ValueError(f"{key!r} must hold assistant turns only, not {' or '.join(others)}")
     if render is None:
         raise ValueError("conversational data is rendered with the model's chat template: no tokenizer was given")
     prompt = render(prompt_messages, True)  # ends where the assistant's answer starts
@@ -175,18 +205,20 @@ def read_jsonl(path: str, skip_bad_lines: bool, counts: dict) -> Iterator[tuple[
 
 def records_to_pairs(records: Iterable[tuple[int, dict]], source: str, skip_bad_lines: bool,
                      counts: dict, render: Render | None = None) -> list[Pair]:
-    """The one path every record takes, from a local file or from the Hub. The first record's
-    format is the data's; a record of another format is malformed."""
+    """The one path every record takes, from a local file or from the Hub. The format of the
+    first well-formed record is the data's (a malformed first line decides nothing); a record
+    of another format is malformed."""
     pairs, data_format = [], None
     for line_no, record in records:
-        data_format = data_format or record_format(record)
         try:
-            if record_format(record) != data_format:
-                raise ValueError(f"a {record_format(record)} record in {data_format} data (the first record's format)")
-            pair = record_to_pair(record, data_format, render)
+            if data_format is not None and record_format(record) != data_format:
+                raise ValueError(f"a {record_format(record)} record in {data_format} data (the format of its "
+                                 f"first well-formed record)")
+            pair = record_to_pair(record, record_format(record), render)
         except ValueError as error:
             bad_line(f"{source}:{line_no}: malformed record ({error})", skip_bad_lines, counts)
             continue
+        data_format = data_format or record_format(record)
         if isinstance(pair, str):
             count(counts, pair)
         else:
@@ -245,7 +277,8 @@ def split_data(data: str, hub_subset: str = "harmless-base", val_size: int = 200
                split: str = "train", render: Render | None = None) -> tuple[list[Pair], list[Pair]]:
     """(train, validation). Anthropic/hh-rlhf from the Hub: its --split (train), and val_size pairs
     of its test split. Any other data, a local file or a Hub dataset's --split: a seeded held-out
-    split of val_size pairs. num_examples: the first N training pairs only; 0 = all."""
+    split of val_size pairs. A training pair whose text is a held-out pair's is dropped (counted):
+    no run trains on what it validates on. num_examples: the first N training pairs only; 0 = all."""
     counts = {} if counts is None else counts
     if data != HUB_DATASET:
         pairs = load_pairs(data, hub_subset, split, skip_bad_lines, counts, render)
@@ -254,10 +287,17 @@ def split_data(data: str, hub_subset: str = "harmless-base", val_size: int = 200
             raise DataError(f"{data}: {len(pairs)} usable pairs, not enough for {val_size} validation pairs")
         validation, train_pairs = pairs[:val_size], pairs[val_size:]
     else:
+        if split == "test":
+            raise DataError(f"{HUB_DATASET} validates on its test split: train on another --split (train)")
         train_pairs = load_pairs(HUB_DATASET, hub_subset, split, skip_bad_lines, counts)
         validation = load_pairs(HUB_DATASET, hub_subset, "test", skip_bad_lines, counts)
         random.Random(seed).shuffle(validation)
         validation = validation[:val_size]
+    held_out = set(validation)
+    kept = [pair for pair in train_pairs if pair not in held_out]  # the same text twice, in a file or across splits
+    if len(kept) < len(train_pairs):
+        counts["also a held-out pair"] = counts.get("also a held-out pair", 0) + len(train_pairs) - len(kept)
+    train_pairs = kept
     if num_examples:
         train_pairs = train_pairs[:num_examples]
     return train_pairs, validation
@@ -292,10 +332,14 @@ def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int
 
     The prompt keeps its last max_prompt_length tokens (the turns that matter, docs/PITFALLS.md 11)
     and its BOS if the tokenizer adds one; responses get EOS (docs/PITFALLS.md 2) and keep their
-    start. A response cut by max_length loses its EOS: it did not end there.
+    start. A response cut by max_length loses its EOS: it did not end there. A prompt of no
+    token at all (empty text, a tokenizer without BOS) is dropped: the answer's first token
+    would be scored from a column that has seen the whole answer.
     """
     prompt_ids = keep_prompt_end(tokenizer(pair.prompt, add_special_tokens=not starts_with_bos(pair.prompt, tokenizer)
                                            ).input_ids, tokenizer.bos_token_id, max_prompt_length)
+    if not prompt_ids:  # no BOS, no text: nothing before the answer's first token to predict it from
+        return "empty prompt"
     budget = max_length - len(prompt_ids)
     eos = [tokenizer.eos_token_id]
     chosen_ids = (tokenizer(pair.chosen, add_special_tokens=False).input_ids + eos)[:budget]
@@ -303,6 +347,15 @@ def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int
     if budget <= 0 or not chosen_ids or not rejected_ids:
         return "no response token left after truncation"
     return TokenizedPair(prompt_ids, chosen_ids, rejected_ids)
+
+
+def fingerprint(items: list[TokenizedPair]) -> str:
+    """sha256 of the token ids, in order: what a run trained or validated on, whatever made them
+    (the file, a chat template's rendering, the tokenizer, the cuts). Saved in every checkpoint."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(json.dumps([item.prompt_ids, item.chosen_ids, item.rejected_ids]).encode())
+    return digest.hexdigest()
 
 
 def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int, max_prompt_length: int,

@@ -161,6 +161,12 @@ class PreferenceLoss(NamedTuple):
         return self.losses.mean()
 
     @property
+    def total(self) -> Tensor:
+        """The sum that loss is the mean of, over len(losses) pairs: a step of several batches
+        divides the sum of their totals by all their pairs."""
+        return self.losses.sum()
+
+    @property
     def margins(self) -> Tensor:
         """r(x, y_w) - r(x, y_l): how far the policy prefers the chosen answer."""
         return self.chosen_rewards - self.rejected_rewards
@@ -250,6 +256,12 @@ class SupervisedLoss(NamedTuple):
         """The mean per token over the batch: sum of nll / sum of count (so a long answer
         weighs by its tokens, as in any language-model loss); exp(loss) is the perplexity."""
         return self.nll.sum() / self.count.sum().clamp(min=1)
+
+    @property
+    def total(self) -> Tensor:
+        """The sum that loss is the mean of, over count.sum() tokens: a step of several batches
+        divides the sum of their totals by all their tokens, not the mean of their means."""
+        return self.nll.sum()
 
     @staticmethod
     def concatenate(parts: "list[SupervisedLoss]") -> "SupervisedLoss":

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import inspect
 import io
 import json
 import math
@@ -116,16 +115,41 @@ class TrainConfig:
                 raise ValueError(message)
 
 
-def held_out_pairs(config: dict) -> list[data.Pair]:
-    """The validation pairs of a run, from the config dict saved in its checkpoint. A run on the
-    Hub's data, judged where the Hub cannot be reached, gets the bundled pairs: they come from
-    the Hub's test split, so that run never trained on them either."""
-    saved = config_from_dict(config)
+def held_out_pairs(checkpoint: dict, path: str) -> list[data.Pair]:
+    """The validation pairs of a checkpoint's run, checked against the fingerprint it saved. A
+    run on the Hub's data, judged where the Hub cannot be reached, gets the bundled pairs: they
+    come from the Hub's test split, so that run never trained on them either (said in one line)."""
+    saved = config_from_dict(checkpoint["config"])
     if saved.data == HUB_DATASET and (reason := hub_unreachable_reason()) is not None:
         say(f"the Hugging Face Hub cannot be reached ({reason}): held-out prompts from the bundled {BUNDLED_DATA} "
             f"(HH-RLHF test-split pairs) instead of {HUB_DATASET}'s test split")
-        saved = dataclasses.replace(saved, data=BUNDLED_DATA)
-    return split_data_of(saved)[1]
+        return split_data_of(dataclasses.replace(saved, data=BUNDLED_DATA))[1]
+    validation = split_data_of(saved)[1]
+    check_same_data(checkpoint, path, lambda: data_sha256_of(saved, {"validation": validation}))
+    return validation
+
+
+def data_sha256_of(config: TrainConfig, pairs: dict[str, list[data.Pair]]) -> dict[str, str]:
+    """data.fingerprint of each named list of pairs, tokenised as the run of config tokenises them."""
+    tokenizer = cached_tokenizer(config.model)
+    return {name: data.fingerprint(data.tokenize_pairs(found, tokenizer, config.max_length, config.max_prompt_length, {}))
+            for name, found in pairs.items()}
+
+
+def check_same_data(checkpoint: dict, path: str, now: typing.Callable[[], dict[str, str]]) -> None:
+    """The pairs a checkpoint's run used (data_sha256) are the ones its settings give now, or one
+    line saying which differ: a data file changed in place (swapped answers, other text of the
+    same length), another chat template or tokenizer. An older checkpoint has no fingerprint: said."""
+    saved = checkpoint.get("data_sha256")
+    if saved is None:
+        say(f"{path} has no fingerprint of its data (an older train.py wrote it): nothing shows its pairs are "
+            f"the ones its settings give now")
+        return
+    differ = [name for name, sha256 in now().items() if saved[name] != sha256]
+    if differ:
+        raise ValueError(f"{path} was made with other {' and '.join(differ)} pairs than its settings give now "
+                         f"(their token ids differ: has the data file, its chat template or the tokenizer "
+                         f"changed?): start a new run, or use the data it was made with")
 
 
 def split_data_of(config: TrainConfig, counts: dict | None = None) -> tuple[list[data.Pair], list[data.Pair]]:
@@ -290,36 +314,96 @@ def output_layer(model: nn.Module):
     return lambda hidden: torch.tanh(head(hidden) / cap) * cap
 
 
-def prefix_sharing_blocker(model: nn.Module, max_length: int) -> str | None:
-    """Why the model cannot read data.collate_shared's rows exactly as it reads two rows, or None.
+PROBE_RTOL, PROBE_ATOL = 1e-5, 1e-4  # fp32 rounding on a sequence's log-prob sum; a real error is far larger
 
-    The shared row needs a custom (R, 1, T, T) mask, which transformers passes as it is to its
-    sdpa and eager attention (not to flash or flex attention), and position ids the model reads.
-    A sliding window shorter than a sequence would cut what the two-row forward sees, and the
-    custom mask does not know it."""
-    attention = getattr(model.config, "_attn_implementation", None)
-    window = getattr(model.config, "sliding_window", None)
-    if attention not in ("sdpa", "eager"):
-        return f"its {attention} attention takes no custom mask"
-    if window and window < max_length:
-        return f"its sliding window ({window} tokens) is shorter than --max-length {max_length}"
-    if "position_ids" not in inspect.signature(model.base_model.forward).parameters:
-        return f"{type(model.base_model).__name__} takes no position ids"
-    return None
+
+def probe_pairs(model: nn.Module, max_length: int, max_prompt_length: int) -> list[data.TokenizedPair]:
+    """Random token ids as long as the run's settings allow (the longest shared row: a whole prompt
+    and two whole answers), and a shorter pair beside it, so that padding is probed too. Drawn
+    from a generator of their own: the run's random state (LoRA's init) is not touched."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = lambda n: torch.randint(vocab, (max(1, n),), generator=generator).tolist()
+    answer = max_length - max_prompt_length
+    return [data.TokenizedPair(ids(max_prompt_length), ids(answer), ids(answer)),
+            data.TokenizedPair(ids(max_prompt_length // 3), ids(answer // 2), ids(answer))]
+
+
+@contextlib.contextmanager
+def in_float32(model: nn.Module) -> typing.Iterator[None]:
+    """The model's weights in fp32 inside, each put back in its own dtype after (bf16 -> fp32 ->
+    bf16 is exact; LoRA's fp32 A and B stay fp32). The parameter objects stay the same."""
+    tensors = [*model.parameters(), *model.buffers()]
+    dtypes = [tensor.dtype for tensor in tensors]
+    for tensor in tensors:
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.float()
+    try:
+        yield
+    finally:
+        for tensor, dtype in zip(tensors, dtypes):
+            tensor.data = tensor.data.to(dtype)
+
+
+def own_logps(model: nn.Module, batch: data.Batch) -> dpo.SequenceLogps:
+    """log pi(y|x) from the model's own full forward, model(input_ids, attention_mask).logits, as
+    anyone would call it: whatever its output layer does (a logit scale, a soft-cap) is in it.
+    Two-row batches only."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (R, T, V)
+    return dpo.sequence_logps_from_hidden(logits, lambda scored: scored, batch.source, batch.targets, batch.target_mask)
+
+
+def probe_layout(model: nn.Module, max_length: int, max_prompt_length: int, pad_id: int,
+                 shared: bool = True) -> tuple[str, str | None]:
+    """Which way of scoring sequences gives this very model's own log-probs, measured on it:
+    ("shared", None), ("two rows", why not shared, or None when not asked) or ("logits", why not
+    two rows).
+
+    Verify, don't enumerate: a model may window its attention (GPT-Neo's config.window_size),
+    build positions from the mask (Falcon's ALiBi), or scale or cap its logits (Cohere, Granite,
+    Gemma 2), and no list of config names knows every family. So probe_pairs are scored three
+    ways, in fp32, where rounding cannot hide an error (in bf16 the two layouts differ by more
+    than some real errors do): the model's own forward (own_logps), our two rows (the LM head
+    on scored positions only), and one shared row a pair. The fastest that equals the first
+    wins. (The weights go to fp32 and back: bf16 -> fp32 -> bf16 is exact.)
+    """
+    items, index = probe_pairs(model, max_length, max_prompt_length), [0, 1]
+    two_rows = data.to_device(data.collate(items, index, pad_id), model.device)
+    with in_float32(model), torch.no_grad():
+        expected = own_logps(model, two_rows).sum
+        tolerance = PROBE_ATOL + PROBE_RTOL * expected.abs()
+        gap = (hidden_logps(model, two_rows).sum - expected).abs()
+        if (gap > tolerance).any():
+            return "logits", (f"log_softmax(lm_head(hidden)) is not this model's output (its own log-probs differ "
+                              f"by up to {gap.max().item():.3g} on a probe: a logit scale or cap?)")
+        if not shared:
+            return "two rows", None
+        try:
+            gap = (hidden_logps(model, data.to_device(data.collate_shared(items, index, pad_id), model.device)).sum
+                   - expected).abs()
+        except Exception as error:  # a model that cannot read the block mask or the positions at all
+            return "two rows", f"one shared row a pair fails on this model ({one_line(error)})"
+        if (gap > tolerance).any():
+            return "two rows", (f"one shared row a pair gives other log-probs than the model's own forward (up to "
+                                f"{gap.max().item():.3g} apart on a probe as long as --max-length allows)")
+        return "shared", None
 
 
 def collate_function(config: TrainConfig, model: nn.Module, pad_id: int,
                      announce: typing.Callable[[str], None] = print) -> typing.Callable[[list, list], data.Batch]:
-    """How a run lays out its batches: one row a pair (the prompt shared) where the model can
-    read it, else two rows, said once. The supervised stage reads chosen rows only: two rows."""
-    if config.loss_type == "sft" or not config.prefix_sharing:
-        return functools.partial(data.collate, pad_id=pad_id)
-    reason = prefix_sharing_blocker(model, config.max_length)
-    if reason is not None:
-        announce(f"prefix sharing off: {reason}; chosen and rejected run as two rows (the same log-probs, "
+    """How a run lays out and scores its batches, measured on its model (probe_layout): one row
+    a pair (the prompt shared) where that gives the model's own log-probs, else two rows, else
+    two rows scored from the model's full output; a fallback is said once. The supervised
+    stage reads chosen rows only: two rows."""
+    sharing = config.loss_type != "sft" and config.prefix_sharing
+    layout, why = probe_layout(model, config.max_length, config.max_prompt_length, pad_id, shared=sharing)
+    model.scores_from_logits = layout == "logits"  # batch_logps reads it: one way for policy, reference, validation
+    if layout == "logits":
+        announce(f"scoring from the model's full output, two rows a pair (slower): {why}")
+    elif why is not None:
+        announce(f"prefix sharing off: {why}; chosen and rejected run as two rows (the same log-probs, "
                  f"the prompt computed twice)")
-        return functools.partial(data.collate, pad_id=pad_id)
-    return functools.partial(data.collate_shared, pad_id=pad_id)
+    return functools.partial(data.collate_shared if layout == "shared" else data.collate, pad_id=pad_id)
 
 
 def attention_mask_for(model: nn.Module, mask: Tensor) -> Tensor:
@@ -341,9 +425,16 @@ def batch_logps(model: nn.Module, batch: data.Batch) -> dpo.SequenceLogps:
     model as its mask and position ids; which hidden state scores which token, as source.
     """
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.dtype == torch.bfloat16):
-        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=attention_mask_for(model, batch.attention_mask),
-                                  position_ids=batch.position_ids).last_hidden_state  # (R, T, H)
-        return dpo.sequence_logps_from_hidden(hidden, output_layer(model), batch.source, batch.targets, batch.target_mask)
+        if getattr(model, "scores_from_logits", False):  # probe_layout found our output layer is not the model's
+            return own_logps(model, batch)
+        return hidden_logps(model, batch)
+
+
+def hidden_logps(model: nn.Module, batch: data.Batch) -> dpo.SequenceLogps:
+    """The last hidden states of the batch's rows, the output layer on scored positions only."""
+    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=attention_mask_for(model, batch.attention_mask),
+                              position_ids=batch.position_ids).last_hidden_state  # (R, T, H)
+    return dpo.sequence_logps_from_hidden(hidden, output_layer(model), batch.source, batch.targets, batch.target_mask)
 
 
 class Scorer(nn.Module):
@@ -451,11 +542,36 @@ def validation_metrics(model: nn.Module, items: list[data.TokenizedPair], refere
     return metrics
 
 
+class WriteFailed(OSError):
+    """A file of the run could not be written (no space left, no permission): one line naming it."""
+
+
+@contextlib.contextmanager
+def writing(path: Path | str) -> typing.Iterator[None]:
+    """Any OSError inside (a full disk, a folder that cannot be written) as WriteFailed: the file and the reason."""
+    try:
+        yield
+    except WriteFailed:
+        raise
+    except OSError as error:
+        raise WriteFailed(f"cannot write {path}: {error.strerror or error}") from None
+
+
 def save_atomic(payload: dict, path: Path) -> None:
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    """Write to a temporary file, then rename: a crash or a full disk never leaves a half-written
+    checkpoint, and the one before stays as it was. Serialised in memory first, so that a failed
+    write is the OS's own error (torch.save to a full disk says "unexpected pos ...")."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     temporary = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
+    try:
+        with writing(path), open(temporary, "wb") as file:
+            file.write(buffer.getbuffer())
+        os.replace(temporary, path)
+    except WriteFailed:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
 
 
 def load_checkpoint(path: str) -> dict:
@@ -513,7 +629,9 @@ def sft_stage_of(config: TrainConfig) -> tuple[TrainConfig, dict]:
     if config.model not in (HUB_MODEL, sft["base_model"]):
         raise ValueError(f"{path} fine-tuned {sft['base_model']}, not {config.model}: drop --model")
     config = dataclasses.replace(config, model=sft["base_model"])
-    if held_out_pairs(sft["config"]) != split_data_of(with_offline_fallbacks(config, announce=False))[1]:
+    sft_train, sft_validation = split_data_of(with_offline_fallbacks(saved, announce=False))
+    check_same_data(sft, path, lambda: data_sha256_of(saved, {"train": sft_train, "validation": sft_validation}))
+    if sft_validation != split_data_of(with_offline_fallbacks(config, announce=False))[1]:
         raise ValueError(f"{path} held out other validation pairs than this run would (another --data, --seed or "
                          f"--val-size): its model may have trained on them; use the SFT run's data settings")
     return config, {"checkpoint": path, "config": sft["config"], "lora": sft["lora"], "adapters": sft["adapters"]}
@@ -562,8 +680,11 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
         accuracy_axis.set(xlabel="optimizer step", ylabel="reward accuracy", title="implicit reward accuracy")
     loss_axis.legend(), accuracy_axis.legend()
     figure.tight_layout()
-    figure.savefig(png_path, dpi=110)
-    plt.close(figure)
+    try:
+        with writing(png_path):
+            figure.savefig(png_path, dpi=110)
+    finally:
+        plt.close(figure)
 
 
 # ---------------------------------------------------------------------------------------
@@ -644,6 +765,21 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), world_size, device
 
 
+def loss_units(batch: data.Batch, loss_type: str) -> int:
+    """What a batch's loss is a mean over: its pairs for DPO, its chosen answers' tokens for SFT."""
+    pairs = len(batch.index)
+    return int(batch.target_mask[:pairs].sum()) if loss_type == "sft" else pairs
+
+
+def sum_across_ranks(value: float, world_size: int, device: torch.device) -> float:
+    if world_size == 1:
+        return value
+    import torch.distributed as dist
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces CUDA tensors only
+    dist.all_reduce(tensor)
+    return type(value)(tensor.item())
+
+
 def mean_across_ranks(values: list[float], world_size: int, device: torch.device) -> list[float]:
     if world_size == 1:
         return values
@@ -722,6 +858,7 @@ class Run:
     val_reference: ReferenceCache
     batches_per_epoch: int               # whole global batches per epoch
     total_steps: int                     # the schedule's length
+    data_sha256: dict                    # {"train": ..., "validation": ...}: data.fingerprint of the token ids
 
     epoch_order: dict = dataclasses.field(default_factory=dict)  # {epoch: its batches}, one epoch at a time
 
@@ -796,7 +933,8 @@ def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.dev
         total_steps = min(total_steps, config.max_steps)
     return Run(config, rank, world_size, device, run_dir, train_items, val_items, dropped, model,
                collate_function(config, model, tokenizer.pad_token_id, say if rank == 0 else lambda _: None), lora_config, sft_stage, scorer, optimizer, ReferenceCache(len(train_items)),
-               ReferenceCache(len(val_items)), batches_per_epoch, total_steps)
+               ReferenceCache(len(val_items)), batches_per_epoch, total_steps,
+               {"train": data.fingerprint(train_items), "validation": data.fingerprint(val_items)})
 
 
 def checkpoint(run: Run, state: RunState, rng: list[dict] | None = None) -> dict:
@@ -804,7 +942,7 @@ def checkpoint(run: Run, state: RunState, rng: list[dict] | None = None) -> dict
     --resume needs to continue exactly."""
     payload = {"format": CHECKPOINT_FORMAT, "base_model": run.config.model, "lora": lora.lora_config_dict(run.lora_config),
                "adapters": lora.adapter_state_dict(run.model), "config": dataclasses.asdict(run.config),
-               "step": state.step, "val_metrics": state.val_metrics}
+               "step": state.step, "val_metrics": state.val_metrics, "data_sha256": run.data_sha256}
     if run.sft_stage is not None:
         payload["sft"] = run.sft_stage
     if rng is not None:
@@ -830,6 +968,7 @@ def validate(run: Run, state: RunState, metrics_file, say) -> None:
 
 def restore(run: Run, checkpoint: dict) -> RunState:
     """Put a saved run back as it was when last.pt was written; its state."""
+    check_same_data(checkpoint, run.config.resume, lambda: run.data_sha256)
     check_resume_fits(checkpoint, run.config.resume, run.total_steps, run.world_size, run.device)
     lora.load_adapter_state_dict(run.model, checkpoint["adapters"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -842,6 +981,21 @@ def restore(run: Run, checkpoint: dict) -> RunState:
     return state
 
 
+def accumulate_gradients(run: Run, step: int) -> tuple[list, int]:
+    """Backward through the step's micro-batches: the adapters' gradients become those of the
+    step's loss, its micro-batches' and ranks' summed losses over all their pairs (DPO) or all
+    their tokens (SFT) (docs/PITFALLS.md 12). (Each micro-batch's result, that count.)"""
+    config = run.config
+    batches = [run.micro_batch(step * config.grad_accum + micro) for micro in range(config.grad_accum)]
+    units = sum_across_ranks(sum(loss_units(batch, config.loss_type) for batch in batches), run.world_size, run.device)
+    results = []
+    for batch in batches:
+        result = compute_loss(run.model, batch, run.train_reference, config, run.scorer)
+        (result.total * run.world_size / units).backward()  # DDP averages the ranks' gradients: * world size
+        results.append(result)
+    return results, units
+
+
 def optimizer_step(run: Run, step: int, parameters: list[nn.Parameter]) -> tuple[float, Tensor, dict]:
     """One optimizer step: lr -> accumulate -> clip and check -> step. (lr, grad norm, metrics)."""
     config = run.config
@@ -850,16 +1004,14 @@ def optimizer_step(run: Run, step: int, parameters: list[nn.Parameter]) -> tuple
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     #### accumulate ####
-    micro_results = []
-    for micro in range(config.grad_accum):
-        result = compute_loss(run.model, run.micro_batch(step * config.grad_accum + micro), run.train_reference,
-                              config, run.scorer)
-        (result.loss / config.grad_accum).backward()  # mean over micro-batches (docs/PITFALLS.md 12)
-        micro_results.append(result)
+    micro_results, units = accumulate_gradients(run, step)
     #### clip and check ####
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
     metrics = mean_metrics(type(micro_results[0]).concatenate(micro_results))
     metrics = dict(zip(metrics, mean_across_ranks(list(metrics.values()), run.world_size, run.device)))
+    if config.loss_type == "sft":  # per token over every rank's tokens, the loss the gradient is of
+        total = sum_across_ranks(sum(result.total.item() for result in micro_results), run.world_size, run.device)
+        metrics.update(loss=total / units, perplexity=math.exp(total / units), tokens=units)
     if not (math.isfinite(metrics["loss"]) and torch.isfinite(grad_norm)):
         raise TrainingError(f"non-finite loss ({metrics['loss']}) or gradient norm ({grad_norm.item()}) at step "
                             f"{step + 1}: stopped; the last good checkpoint is {run.run_dir / 'last.pt'} (try a lower --lr)")
@@ -893,10 +1045,11 @@ def train(config: TrainConfig) -> dict:
     run = build_run(config, rank, world_size, device, sft_stage, initial_adapters)
     state = RunState() if resumed is None else restore(run, resumed)
 
+    with writing(run.run_dir / "metrics.jsonl"):
+        metrics_file = open(run.run_dir / "metrics.jsonl", "a") if run.is_main else None
     stop_requested = []  # Ctrl-C or SIGTERM: finish the current step, save, stop
     previous_handlers = {sig: signal.signal(sig, lambda *_: stop_requested.append(True))
                          for sig in (signal.SIGINT, signal.SIGTERM)}
-    metrics_file = open(run.run_dir / "metrics.jsonl", "a") if run.is_main else None
     from tqdm import tqdm
     progress = tqdm(total=run.total_steps, initial=state.step, desc=config.loss_type.upper().replace("SIGMOID", "DPO"),
                     disable=not (config.progress and run.is_main), dynamic_ncols=True)
@@ -931,7 +1084,8 @@ def train(config: TrainConfig) -> dict:
     finally:
         progress.close()
         if metrics_file is not None:
-            metrics_file.close()
+            with contextlib.suppress(OSError):  # each row was flushed; a failed one was reported already
+                metrics_file.close()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
     return finish(run, state, interrupted, seconds=time.time() - started)
@@ -972,8 +1126,9 @@ def read_log(path: Path | str, owner: str = "train.py's metrics") -> list[dict]:
                 f"dropped it, resuming from the {len(rows)} whole lines before it")
             whole = content[:len(content) - len(tail)]
         temporary = f"{path}.tmp"
-        Path(temporary).write_bytes(whole)
-        os.replace(temporary, path)  # all or nothing, like the checkpoints
+        with writing(path):
+            Path(temporary).write_bytes(whole)
+            os.replace(temporary, path)  # all or nothing, like the checkpoints
     return rows
 
 
@@ -991,12 +1146,14 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Keep the rows up to the resumed step, so a crash never leaves duplicated rows."""
     if path.exists():
         rows = [row for row in read_log(path) if row.get("step", 0) <= step]
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        with writing(path):
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
 def write_metrics(file, row: dict) -> None:
-    file.write(json.dumps(row) + "\n")
-    file.flush()
+    with writing(file.name):
+        file.write(json.dumps(row) + "\n")
+        file.flush()
 
 
 def format_metrics(metrics: dict) -> str:
@@ -1090,6 +1247,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (ValueError, TrainingError) as error:  # bad data (DataError), an unusable checkpoint, a diverged run
         print(f"train.py: error: {error}", file=sys.stderr)
+        return 1
+    except WriteFailed as error:  # a full disk: the checkpoint written before stays whole
+        last = Path(config.resume or Path(config.checkpoint_dir) / "last.pt")
+        resume = f"; {last} is whole: free space and continue with --resume {last}" if last.exists() else ""
+        print(f"train.py: error: {error}{resume}", file=sys.stderr)
         return 1
     return 0
 

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"export.py wrote {'merged' if sft_stage else 'peft and merged'} in {time.time() - start:.0f} s")
 
     ours, tokenizer = train.load_policy(checkpoint)
-    prompt = train.held_out_pairs(checkpoint["config"])[0].prompt
+    prompt = train.held_out_pairs(checkpoint, args.checkpoint)[0].prompt
     ids = tokenizer(prompt, return_tensors="pt").input_ids[:, -256:]
     expected = next_token_logits(ours, ids)
     if not sft_stage:

@@ -131,3 +131,73 @@ def test_conversational_data_without_a_tokenizer_and_unknown_files_are_clear_err
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(data.DataError, match=r"cannot load .*bad\.parquet: "):
         data.load_pairs(str(tmp_path / "bad.parquet"))
+
+
+# ----- what a review of the new breadth found (each trained on the wrong thing, or crashed) ------
+
+def test_a_malformed_first_record_does_not_decide_the_files_format(tmp_path):
+    good = [in_three_formats([f"Question {i}?"], f"Answer {i}.", "No.")["explicit"] for i in range(3)]
+    path = write(tmp_path / "d.jsonl", [{"prompt": None, "chosen": "a", "rejected": "b"}, *good])
+    with pytest.raises(data.DataError, match=r"d\.jsonl:1: malformed record \('prompt' and 'chosen'"):
+        data.load_pairs(path)
+    counts = {}
+    assert len(data.load_pairs(path, skip_bad_lines=True, counts=counts)) == 3 and counts == {"malformed line": 1}
+
+
+@pytest.mark.parametrize("answer_roles", [["assistant", "user"], ["user"], ["assistant", "system"]])
+def test_an_answer_of_a_conversation_holds_assistant_turns_only(tmp_path, tokenizer, chat_tokenizer, answer_roles):
+    record = in_three_formats(["Hi?"], "Yes.", "No.")["conversational"]
+    record["chosen"] = [{"role": role, "content": f"turn {i}"} for i, role in enumerate(answer_roles)]
+    path = write(tmp_path / "d.jsonl", [record])
+    for renderer in (tokenizer, chat_tokenizer):  # the HH renderer and a chat template alike
+        with pytest.raises(data.DataError, match=r"d\.jsonl:1: malformed record \('chosen' must hold assistant "
+                                                 r"turns only, not (system|user)\)"):
+            data.load_pairs(path, render=data.chat_renderer(renderer))
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_a_malformed_record(tmp_path, chat_tokenizer):
+    """Llama 2's and Mistral's templates raise on roles that do not alternate; Gemma 2's on a system turn."""
+    strict = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+              "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+              "{% endif %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}{% if add_generation_prompt %}[assistant]"
+              "{% endif %}")
+    chat_tokenizer.chat_template = strict
+    try:
+        ok = in_three_formats(["Hi?"], "Yes.", "No.")["conversational"]
+        refused = {**ok, "prompt": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
+        path = write(tmp_path / "d.jsonl", [ok, refused, ok])
+        render = data.chat_renderer(chat_tokenizer)
+        with pytest.raises(data.DataError, match=r"d\.jsonl:2: malformed record \(the chat template refuses it: "
+                                                 r"TemplateError: Conversation roles must alternate"):
+            data.load_pairs(path, render=render)
+        counts = {}
+        assert len(data.load_pairs(path, render=render, skip_bad_lines=True, counts=counts)) == 2
+        assert counts == {"malformed line": 1}
+    finally:
+        chat_tokenizer.chat_template = CHAT_TEMPLATE
+
+
+def test_an_empty_prompt_without_bos_is_dropped_not_scored_from_the_rows_last_column(tokenizer):
+    assert tokenizer("").input_ids == [] and tokenizer.bos_token_id not in tokenizer("x").input_ids  # GPT-2 adds no BOS
+    assert data.tokenize_pair(data.Pair("", " Yes.", " No."), tokenizer, 64, 32) == "empty prompt"
+    counts = {}
+    assert data.tokenize_pairs([data.Pair("", " Yes.", " No."), data.Pair("Q?", " Yes.", " No.")], tokenizer, 64, 32,
+                               counts) and counts == {"empty prompt": 1}
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 9), min_size=12, max_size=40), st.integers(1, 5), st.integers(0, 3))
+def test_no_pair_trained_on_is_a_held_out_pair(tmp_path_factory, pair_ids, val_size, seed):
+    """Repeated records (a file that holds a pair twice) never land on both sides of the split."""
+    records = [in_three_formats([f"Question {i}?"], f"Answer {i}.", "No.")["hh"] for i in pair_ids]
+    path = write(tmp_path_factory.mktemp("d") / "d.jsonl", records)
+    assume(len(set(pair_ids)) > val_size)
+    counts = {}
+    train_pairs, validation = data.split_data(path, val_size=val_size, seed=seed, counts=counts)
+    assert not set(train_pairs) & set(validation) and len(validation) == val_size
+    assert len(train_pairs) + len(validation) + counts.get("also a held-out pair", 0) == len(pair_ids)
+
+
+def test_the_hubs_test_split_is_never_trained_on_since_it_validates():
+    with pytest.raises(data.DataError, match="Anthropic/hh-rlhf validates on its test split: train on another --split"):
+        data.split_data(data.HUB_DATASET, split="test")

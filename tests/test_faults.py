@@ -297,3 +297,50 @@ def test_every_collective_reduces_a_tensor_on_the_runs_device(monkeypatch):
     with pytest.raises(Reduced):
         train.any_rank(True, 2, device)
     assert seen == [device, device]
+
+
+# ----- a full disk -----------------------------------------------------------------------------
+
+def page_rounded(size, page=4096):
+    return -(-size // page) * page
+
+
+def test_a_full_disk_is_one_line_no_stray_file_and_the_last_checkpoint_resumes(tmp_path, tiny_gpt2_dir, capsys):
+    """For real: a 1 MB filesystem of its own (tmpfs; CI runs as root), filled so that last.pt
+    fits once but not while its next version is written beside it. (Not root: a folder that
+    cannot be written, the same one-line path.)"""
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(24))
+    flags = lambda folder: ["--data", data, "--model", tiny_gpt2_dir, "--dtype", "float32", "--val-size", "4",
+                            "--max-length", "48", "--max-prompt-length", "24", "--batch-size", "2", "--max-steps", "6",
+                            "--eval-every", "2", "--checkpoint-every", "2", "--checkpoint-dir", str(folder),
+                            "--no-progress"]
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        assert train.main(flags(folder)) == 1
+        assert capsys.readouterr().err.strip().endswith(f"cannot write {folder}/metrics.jsonl: Permission denied")
+        return
+    assert train.main(flags(tmp_path / "straight")) == 0  # the same run on a roomy disk: its files' sizes
+    size = {name: page_rounded((tmp_path / "straight" / name).stat().st_size) for name in ("best.pt", "last.pt",
+                                                                                          "metrics.jsonl")}
+    assert size["best.pt"] <= size["last.pt"] // 2
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], check=True)
+    try:
+        room = size["best.pt"] + size["last.pt"] * 3 // 2 + size["metrics.jsonl"]  # one last.pt, not two at once
+        stat = os.statvfs(folder)
+        (folder / "filler").write_bytes(b"x" * (stat.f_bavail * stat.f_frsize - room))
+        last = folder / "last.pt"
+        assert train.main(flags(folder)) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"train.py: error: cannot write {folder}/") and "Traceback" not in "\n".join(err)
+        assert err[-1].endswith(f": No space left on device; {last} is whole: free space and continue with "
+                                f"--resume {last}")
+        assert not list(folder.glob("*.tmp")) and train.load_checkpoint(str(last))["step"] in (2, 4)
+        (folder / "filler").unlink()
+        assert train.main(flags(folder) + ["--resume", str(last)]) == 0
+        resumed, straight = (train.load_checkpoint(str(path / "last.pt")) for path in (folder, tmp_path / "straight"))
+        assert resumed["step"] == 6 and all(torch.equal(resumed["adapters"][k], straight["adapters"][k])
+                                            for k in straight["adapters"])
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

@@ -54,7 +54,6 @@ def test_one_shared_row_a_pair_gives_the_log_probs_of_two_rows(family, attention
     """Any prompt and response lengths, any padding, any batch size: the same sum, mean and
     count for every chosen and rejected sequence."""
     model = adapted_model(family, attention)
-    assert train.prefix_sharing_blocker(model, 64) is None
     with torch.no_grad():
         two_rows, shared, two_row_batch, shared_batch = both_layouts(model, items, pad_id)
     torch.testing.assert_close(shared.sum, two_rows.sum, rtol=1e-5, atol=1e-5)
@@ -97,19 +96,76 @@ def test_the_shared_row_holds_the_prompt_once_with_its_positions_mask_and_scored
     assert batch.sequence_tokens == (3 + 2) + (3 + 3) + (1 + 1) + (1 + 1)
 
 
-@pytest.mark.parametrize("why, change", [
-    ("its flash_attention_2 attention takes no custom mask", lambda m: setattr(m.config, "_attn_implementation", "flash_attention_2")),
-    ("its sliding window (16 tokens) is shorter than --max-length 48", lambda m: setattr(m.config, "sliding_window", 16)),
-])
-def test_a_model_that_cannot_take_the_mask_reads_two_rows_and_says_so_once(why, change):
-    model = tiny_gemma3()
-    change(model)
-    said = []
+def tiny_of(config_class, model_class, **settings):
+    torch.manual_seed(0)
+    return model_class(config_class(vocab_size=VOCAB, max_position_embeddings=128, **settings)).eval()
+
+
+def windowed_gpt_neo():
+    """GPT-Neo's local attention: its window is config.window_size (not sliding_window), applied by
+    column inside the attention, so a shared row longer than it loses prompt keys that two rows see."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+    return tiny_of(GPTNeoConfig, GPTNeoForCausalLM, hidden_size=32, num_layers=2, num_heads=2, window_size=16,
+                   attention_types=[[["global", "local"], 1]])
+
+
+def alibi_falcon():
+    """Falcon with ALiBi builds its positions from the mask: a (R, 1, T, T) block mask crashes it."""
+    from transformers import FalconConfig, FalconForCausalLM
+    return tiny_of(FalconConfig, FalconForCausalLM, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                   alibi=True)
+
+
+def scaled_cohere():
+    """Cohere multiplies its logits by logit_scale: log_softmax(lm_head(h)) is not its output."""
+    from transformers import CohereConfig, CohereForCausalLM
+    return tiny_of(CohereConfig, CohereForCausalLM, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=2, num_key_value_heads=1, logit_scale=0.0625)
+
+
+def scaled_granite():
+    """Granite divides its logits by logits_scaling."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+    return tiny_of(GraniteConfig, GraniteForCausalLM, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=2, num_key_value_heads=1, logits_scaling=8.0)
+
+
+def capped_gemma2():
+    """Gemma 2 caps its logits (tanh soft-cap), which train.output_layer applies: the probe agrees."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    return tiny_of(Gemma2Config, Gemma2ForCausalLM, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=3.0)
+
+
+def short_window_gemma3():
+    return tiny_gemma3(sliding_window=16)
+
+
+@pytest.mark.parametrize("make, layout, said", [
+    *[(MODELS[family], "shared", None) for family in MODELS],
+    (capped_gemma2, "shared", None),
+    (windowed_gpt_neo, "two rows", "one shared row a pair gives other log-probs than the model's own forward"),
+    (short_window_gemma3, "two rows", "one shared row a pair gives other log-probs than the model's own forward"),
+    (alibi_falcon, "two rows", "one shared row a pair fails on this model (ValueError: too many values to unpack"),
+    (scaled_cohere, "logits", "log_softmax(lm_head(hidden)) is not this model's output"),
+    (scaled_granite, "logits", "log_softmax(lm_head(hidden)) is not this model's output"),
+], ids=[*MODELS, "gemma2 soft-cap", "gpt_neo window", "gemma3 short window", "falcon alibi", "cohere logit_scale",
+        "granite logits_scaling"])
+def test_the_run_measures_which_layout_gives_its_models_own_log_probs_and_says_so_once(make, layout, said):
+    """Verify, don't enumerate: the probe, not a list of config names, decides. Whatever it picks,
+    the run's log-probs are the model's own (model(...).logits), in fp32 and in bf16 weights alike."""
+    model, announced = make(), []
     config = train.TrainConfig(max_length=48, max_prompt_length=24)
-    collate = train.collate_function(config, model, pad_id=0, announce=said.append)
-    assert collate.func is data.collate
-    assert said == [f"prefix sharing off: {why}; chosen and rejected run as two rows (the same log-probs, "
-                    f"the prompt computed twice)"]
+    collate = train.collate_function(config, model, pad_id=0, announce=announced.append)
+    assert collate.func is (data.collate_shared if layout == "shared" else data.collate)
+    assert model.scores_from_logits == (layout == "logits")
+    assert len(announced) == (said is not None) and all(said in line for line in announced)
+    items = train.probe_pairs(model, 40, 16)  # other lengths than the probe's own
+    with torch.no_grad():
+        own = train.own_logps(model, data.collate(items, [0, 1], 0)).sum
+        torch.testing.assert_close(train.batch_logps(model, collate(items, [0, 1])).sum, own, rtol=1e-5, atol=1e-4)
+    assert model.dtype == torch.float32 and train.probe_layout(model.to(torch.bfloat16), 48, 24, 0)[0] == layout
+    assert model.dtype == torch.bfloat16  # the probe ran in fp32 and put the weights back
 
 
 def test_sft_and_prefix_sharing_off_read_two_rows_silently_and_dpo_shares_the_prompt():
@@ -119,3 +175,14 @@ def test_sft_and_prefix_sharing_off_read_two_rows_silently_and_dpo_shares_the_pr
     assert layout() is data.collate_shared
     assert layout(loss_type="sft") is data.collate and layout(prefix_sharing=False) is data.collate
     assert said == []
+
+
+def test_the_probe_puts_every_weight_back_bit_for_bit_in_its_own_dtype():
+    model = MODELS["gpt2"]().to(torch.bfloat16)
+    lora.add_lora(model, lora.LoRAConfig(r=4))  # A and B in fp32 beside bf16 weights
+    before = {name: (tensor.dtype, tensor.clone()) for name, tensor in model.state_dict().items()}
+    parameters = list(model.parameters())
+    assert train.probe_layout(model, 48, 24, 0)[0] == "shared"
+    after = model.state_dict()
+    assert all(after[name].dtype == dtype and torch.equal(after[name], value) for name, (dtype, value) in before.items())
+    assert any(dtype == torch.float32 for dtype, _ in before.values()) and list(model.parameters()) == parameters

@@ -5,6 +5,7 @@ import json
 import math
 import random
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,7 +115,7 @@ def test_single_file_gives_a_seeded_disjoint_validation_split(tmp_path):
     assert len(val_pairs) == 8 and len(train_pairs) == 10
     assert not set(train_pairs) & set(val_pairs)
     assert train.split_data_of(config) == (train_pairs, val_pairs)
-    assert train.held_out_pairs(vars(config)) == val_pairs
+    assert train.held_out_pairs({"config": vars(config)}, "old.pt") == val_pairs  # no fingerprint: said, not refused
 
 
 # ----- tokenisation ----------------------------------------------------------------------
@@ -396,6 +397,34 @@ def test_dpo_after_sft_refuses_what_would_not_be_the_sft_model(tmp_path, tiny_gp
         train.TrainConfig(loss_type="sft", sft_checkpoint="x.pt")
 
 
+def swap_answers(path):
+    """The same file, the same size, every pair's answers swapped: what a count cannot see."""
+    rows = [json.loads(line) for line in open(path)]
+    write_jsonl(Path(path), [{"chosen": r["rejected"], "rejected": r["chosen"]} for r in rows])
+
+
+@pytest.mark.parametrize("use", ["--resume", "--sft-checkpoint", "judge.py"])
+def test_a_data_file_changed_since_the_run_is_refused_in_one_line(tmp_path, tiny_gpt2_dir, use):
+    data_file = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(12))
+    first = tiny_config(data_file, tiny_gpt2_dir, tmp_path / "first", max_steps=2, checkpoint_every=1,
+                        loss_type="sft" if use == "--sft-checkpoint" else "sigmoid")
+    train.train(first)
+    saved = train.load_checkpoint(str(tmp_path / "first" / "last.pt"))
+    assert set(saved["data_sha256"]) == {"train", "validation"}
+    swap_answers(data_file)
+    message = r"was made with other (train and validation|validation) pairs than its settings give now"
+    with pytest.raises(ValueError, match=message):
+        if use == "--resume":  # (it would have run on against a reference cache of the old answers)
+            train.train(dataclasses.replace(first, resume=str(tmp_path / "first" / "last.pt"), max_steps=2))
+        elif use == "--sft-checkpoint":
+            train.train(tiny_config(data_file, tiny_gpt2_dir, tmp_path / "dpo",
+                                    sft_checkpoint=str(tmp_path / "first" / "best.pt")))
+        else:
+            import judge
+            judge.evaluate(judge.JudgeConfig(str(tmp_path / "first" / "last.pt"), output=str(tmp_path / "j.jsonl"),
+                                             sanity=2, num_test_questions=2), judge=lambda *question: 0.5)
+
+
 def test_early_stopping_fires_when_validation_loss_stops_falling(tmp_path, tiny_gpt2_dir):
     """Validation pairs state the opposite preference of the training pairs, so learning the
     training pairs can only raise the validation loss."""
@@ -457,6 +486,35 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(tiny_gpt
 
     for whole, accumulated in zip(gradient([[0, 1, 2, 3]]), gradient([[0, 1], [2, 3]])):
         torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "sft"])
+def test_a_step_of_micro_batches_has_the_gradient_of_its_logged_loss(tmp_path, tiny_gpt2_dir, loss_type):
+    """docs/PITFALLS.md 12: the gradient train.py accumulates over micro-batches is the gradient of
+    the loss of all of them as one batch: per pair for DPO, per token for SFT, where answers of
+    different lengths make the mean of micro-batch means another number."""
+    rows = [record(f"{H} Question {i}?{A}", " Yes" + " indeed" * (i % 5) * 3 + ".", " No.") for i in range(16)]
+    config = tiny_config(write_jsonl(tmp_path / "d.jsonl", rows), tiny_gpt2_dir, tmp_path / "run", grad_accum=2,
+                         loss_type=loss_type, batch_size=2)
+    run = train.build_run(config, 0, 1, torch.device("cpu"))
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(run.model):
+            layer.lora_B.normal_(std=0.1)  # policy != reference, so the gradient is not trivial
+    parameters = [p for p in run.model.parameters() if p.requires_grad]
+    results, units = train.accumulate_gradients(run, 0)
+    accumulated = [p.grad.clone() for p in parameters]
+    batches = [run.micro_batch(m) for m in range(2)]
+    assert loss_type == "sigmoid" or len({train.loss_units(b, loss_type) for b in batches}) == 2  # unequal token counts
+    items = [run.train_items[i] for b in batches for i in b.index.tolist()]
+    whole = run.collate(items, list(range(len(items))))
+    run.train_reference = train.ReferenceCache(len(items))
+    for p in parameters:
+        p.grad = None
+    logged = train.compute_loss(run.model, whole, run.train_reference, config)
+    logged.loss.backward()
+    assert type(logged).concatenate(results).loss.item() == pytest.approx(logged.loss.item(), rel=1e-6)
+    for got, expected in zip(accumulated, (p.grad for p in parameters)):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
 
 
 def test_resume_keeps_the_runs_settings_and_folder_unless_told_otherwise():
