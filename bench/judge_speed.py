@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 import data  # noqa: E402
 import judge  # noqa: E402
+import llama_judge  # noqa: E402
 import train  # noqa: E402
 
 
@@ -27,11 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import llama_cpp
     print(f"llama-cpp-python {llama_cpp.__version__} from {Path(llama_cpp.__file__).parent}")
-    print(judge.llama_cpp_system_info().strip())
+    print(llama_judge.llama_cpp_system_info().strip())
     pairs = data.load_pairs(data.BUNDLED_DATA)[:args.pairs]
     model_file = args.judge_model or train.bundled_model()
     start = time.time()
-    llm = judge.LlamaJudge(model_file, n_threads=args.threads)
+    llm = llama_judge.LlamaJudge(model_file, n_threads=args.threads)
     loaded = time.time()
     preferences = [judge.judge_pair(llm, pair.prompt, pair.chosen, pair.rejected)[2] for pair in pairs]
     seconds = time.time() - loaded

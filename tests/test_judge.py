@@ -22,7 +22,9 @@ import data
 import judge
 import lora
 import train
+import llama_judge
 from conftest import gpt2_tokenizer, tiny_gpt2
+from stand_in_judges import KillsItself, longer_is_better
 
 ROOT = Path(__file__).resolve().parent.parent
 H, A = "\n\nHuman:", "\n\nAssistant:"
@@ -50,11 +52,6 @@ class Counted:
         return self.function(*args)
 
 
-def longer_is_better(conversation, answer_a, answer_b, bias=0.0):
-    """A scripted judge: prefers the longer answer, with an optional pull towards A."""
-    return 1 / (1 + math.exp(-(len(answer_a) - len(answer_b)) / 10 - bias))
-
-
 def stderr_lines(text):
     """The lines of stderr, less tqdm's progress bars ("answers: 100%|###| 3/3 [00:01<00:00, 2.57it/s]")."""
     return [line for line in re.split(r"[\r\n]", text) if line.strip() and not re.search(r"\d+/\d+ \[\d\d:\d\d", line)]
@@ -78,7 +75,7 @@ def no_hub(monkeypatch):
 
 @pytest.fixture(scope="module")
 def gemma_judge():
-    real = judge.LlamaJudge(train.bundled_model(), n_ctx=1024)  # small n_ctx keeps it light
+    real = llama_judge.LlamaJudge(train.bundled_model(), n_ctx=1024)  # small n_ctx keeps it light
     yield real
     real.close()
 
@@ -101,11 +98,11 @@ def checkpoint(tmp_path_factory, tiny_gpt2_dir):
 
 @given(st.floats(-1e4, 1e4), st.floats(-1e4, 1e4))
 def test_verdict_is_a_softmax_over_the_two_letters(logit_a, logit_b):
-    p = judge.verdict_probability(logit_a, logit_b)
+    p = llama_judge.verdict_probability(logit_a, logit_b)
     top = max(logit_a, logit_b)
     expected = math.exp(logit_a - top) / (math.exp(logit_a - top) + math.exp(logit_b - top))
     assert 0.0 <= p <= 1.0 and p == pytest.approx(expected, abs=1e-12)
-    assert p + judge.verdict_probability(logit_b, logit_a) == pytest.approx(1.0, abs=1e-12)
+    assert p + llama_judge.verdict_probability(logit_b, logit_a) == pytest.approx(1.0, abs=1e-12)
 
 
 @given(st.text(max_size=30), st.text(" \n\t", max_size=3), st.text(" \n\t", max_size=3))
@@ -186,7 +183,7 @@ def test_sanity_statistics_on_known_verdicts():
 
 
 def test_the_question_shows_the_dialogue_end_and_the_answers_start():
-    question = judge.judge_question(f"{H} " + "old " * 50 + f"newest question{A}", " a" * 40, " b", max_chars=30)
+    question = llama_judge.judge_question(f"{H} " + "old " * 50 + f"newest question{A}", " a" * 40, " b", max_chars=30)
     assert "newest question\n" in question and "old old old old old old old" not in question
     assert "Reply A: " + "a " * 15 + "...\n" in question and "Reply B: b\n" in question  # 30 characters, then ...
     assert not question.rstrip().endswith("Assistant:")
@@ -236,7 +233,7 @@ def test_real_judge_verdict_is_the_next_token_after_answer(gemma_judge):
 
 
 def test_real_judge_with_a_chat_template_answers_in_the_model_turn():
-    chat_judge = judge.LlamaJudge(train.bundled_model(), n_ctx=1024, chat_template=CHAT_TEMPLATE)
+    chat_judge = llama_judge.LlamaJudge(train.bundled_model(), n_ctx=1024, chat_template=CHAT_TEMPLATE)
     try:
         ids = chat_judge.prompt_ids(*PAIRS[0])
         start_of_turn = chat_judge.llm.tokenize(b"<start_of_turn>", add_bos=False, special=True)
@@ -257,7 +254,7 @@ def test_missing_or_broken_judge_file_is_one_clear_error(checkpoint, tmp_path, c
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"not a gguf")
     with pytest.raises(ValueError, match="not a GGUF file llama.cpp can load .*invalid magic"):  # llama.cpp's reason
-        judge.LlamaJudge(str(broken))
+        llama_judge.LlamaJudge(str(broken))
     for path in (tmp_path / "missing.gguf", broken):
         assert judge.main([checkpoint, "--judge-model", str(path), "--output", str(tmp_path / "j.jsonl")]) == 2
         err = capsys.readouterr().err.strip()
@@ -266,40 +263,21 @@ def test_missing_or_broken_judge_file_is_one_clear_error(checkpoint, tmp_path, c
 
 # ----- the judge in its own process: llama.cpp's native crashes ----------------------------
 
-class KillsItself:
-    """A judge, in the child's place of llama.cpp, that dies of SIGSEGV at call number
-    $CRASH_AT (0 = while loading; call 1 is the self-check's probe), as the AMX matmul does.
-    With extra buffer types off it never dies (as llama.cpp without its AMX matmul)."""
-
-    def __init__(self, model_path, *args, extra_buffer_types=True, **options):
-        self.crash_at, self.calls = int(os.environ["CRASH_AT"]), 0
-        if not extra_buffer_types:
-            self.crash_at = -1
-        if self.crash_at == 0:
-            os.kill(os.getpid(), signal.SIGSEGV)
-
-    def __call__(self, conversation, answer_a, answer_b):
-        self.calls += 1
-        if self.calls == self.crash_at:
-            os.kill(os.getpid(), signal.SIGSEGV)
-        return longer_is_better(conversation, answer_a, answer_b)
-
-
 def test_the_real_judge_in_its_own_process_gives_the_verdicts_it_gives_in_this_one(gemma_judge):
     """Gemma 3 270M through llama.cpp, built by requirements.txt, in the child evaluate() uses."""
-    child = judge.JudgeProcess(functools.partial(judge.LlamaJudge, train.bundled_model(), n_ctx=1024),
+    child = llama_judge.JudgeProcess(functools.partial(llama_judge.LlamaJudge, train.bundled_model(), n_ctx=1024),
                                train.bundled_model())
     try:
         for conversation, good, poor in PAIRS:
             assert child(conversation, good, poor) == pytest.approx(gemma_judge(conversation, good, poor), abs=1e-6)
     finally:
         child.close()
-    assert child.process.exitcode == 0
-    assert not judge.amx_matmul_built(judge.llama_cpp_system_info())  # requirements.txt builds without it
+    assert child.process.returncode == 0
+    assert not llama_judge.amx_matmul_built(llama_judge.llama_cpp_system_info())  # requirements.txt builds without it
 
 
 def test_without_extra_buffer_types_the_judge_loads_plain_weights_and_agrees(gemma_judge):
-    plain = judge.LlamaJudge(train.bundled_model(), n_ctx=1024, extra_buffer_types=False)
+    plain = llama_judge.LlamaJudge(train.bundled_model(), n_ctx=1024, extra_buffer_types=False)
     try:
         assert plain.llm.model_params.use_extra_bufts is False and gemma_judge.llm.model_params.use_extra_bufts
         for question in PAIRS:  # the same weights without their repacked (or AMX) copies: other kernels, other rounding
@@ -321,7 +299,7 @@ def test_a_native_crash_of_the_judge_is_one_line_and_the_log_keeps_every_verdict
     assert judge.main(argv) == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("judge.py: error: the judge (llama.cpp, gemma-3-270m-q4_k_m.gguf) died of SIGSEGV " + doing)
-    assert "likely cause: " in err and judge.REBUILD in err and "rerun with --resume" in err and "Traceback" not in err
+    assert "likely cause: " in err and llama_judge.REBUILD in err and "rerun with --resume" in err and "Traceback" not in err
     records = [json.loads(line) for line in output.open()] if output.exists() else []
     judged = [r for r in records if r["kind"] == "judgement" and r["p_a_x_first"] is not None]
     assert len(judged) == pairs_logged  # calls 2-5 were two pairs, both orders; the sixth call died
@@ -334,25 +312,25 @@ def test_a_native_crash_of_the_judge_is_one_line_and_the_log_keeps_every_verdict
 def test_a_build_with_the_amx_matmul_that_crashes_is_judged_without_it_said_in_one_line(checkpoint, tmp_path,
                                                                                       monkeypatch, capsys):
     monkeypatch.setattr(judge, "LlamaJudge", KillsItself)
-    monkeypatch.setattr(judge, "llama_cpp_system_info", lambda: "CPU : AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1")
+    monkeypatch.setattr(llama_judge, "llama_cpp_system_info", lambda: "CPU : AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1")
     monkeypatch.setenv("CRASH_AT", "1")  # dies on the probe, unless extra buffer types are off
     output = tmp_path / "j.jsonl"
     assert judge.main([checkpoint, "--num-test-questions", "1", "--sanity", "1", "--max-new-tokens", "4",
                        "--output", str(output)]) == 0
     said = [line for line in capsys.readouterr().err.splitlines() if "AMX" in line]
-    assert len(said) == 1 and "judging without it" in said[0] and judge.REBUILD in said[0]
+    assert len(said) == 1 and "judging without it" in said[0] and llama_judge.REBUILD in said[0]
 
 
 def test_a_crash_message_names_the_signal_and_its_likely_cause():
-    kinds = {signal.SIGILL: ("an instruction this CPU lacks", judge.REBUILD),
+    kinds = {signal.SIGILL: ("an instruction this CPU lacks", llama_judge.REBUILD),
              signal.SIGKILL: ("the system killed it, most likely for memory", "pass a smaller --judge-model"),
-             signal.SIGSEGV: ("a crash inside llama.cpp", judge.REBUILD)}
+             signal.SIGSEGV: ("a crash inside llama.cpp", llama_judge.REBUILD)}
     for number, (cause, fix) in kinds.items():
-        line = judge.death_message(-number, "judging a pair", "/nowhere/j.gguf", "CPU : AVX2 = 1")
+        line = llama_judge.death_message(-number, "judging a pair", "/nowhere/j.gguf", "CPU : AVX2 = 1")
         assert f"died of {signal.Signals(number).name} while judging a pair; likely cause: {cause}" in line
         assert line.endswith(fix) and "\n" not in line
-    assert "AMX matmul (llama.cpp#20824)" in judge.death_message(-11, "loading it", "j.gguf", "AMX_INT8 = 1 |")
-    assert "ended with exit code 1" in judge.death_message(1, "loading it", "j.gguf", "")
+    assert "AMX matmul (llama.cpp#20824)" in llama_judge.death_message(-11, "loading it", "j.gguf", "AMX_INT8 = 1 |")
+    assert "ended with exit code 1" in llama_judge.death_message(1, "loading it", "j.gguf", "")
 
 
 # ----- where the judge comes from ------------------------------------------------------------
