@@ -123,11 +123,17 @@ def assistant_turn_end(render: Render) -> str:
 
 
 def plain_answer(text: str, turn_end: str) -> str:
-    """An answer as text a reader (or a judge) compares: up to the end of the assistant's turn
-    (turn_end, its markup) or the start of a next human turn, whichever comes first."""
+    """A generated answer as text a reader (or a judge) compares: up to the end of the assistant's
+    turn (turn_end, its markup) or the start of a next human turn, whichever comes first."""
     if turn_end.strip():
         text = text.split(turn_end.strip())[0]
     return text.split(HUMAN)[0]
+
+
+def without_turn_end(text: str, turn_end: str) -> str:
+    """A dataset answer without the markup its chat template wrote after it (its text is kept
+    whole: it may quote a dialogue, or hold several messages)."""
+    return text.rstrip().removesuffix(turn_end.strip()) if turn_end.strip() else text
 
 
 def strings(record: dict, *keys: str) -> list[str]:
@@ -277,8 +283,9 @@ def split_data(data: str, hub_subset: str = "harmless-base", val_size: int = 200
                split: str = "train", render: Render | None = None) -> tuple[list[Pair], list[Pair]]:
     """(train, validation). Anthropic/hh-rlhf from the Hub: its --split (train), and val_size pairs
     of its test split. Any other data, a local file or a Hub dataset's --split: a seeded held-out
-    split of val_size pairs. A training pair whose text is a held-out pair's is dropped (counted):
-    no run trains on what it validates on. num_examples: the first N training pairs only; 0 = all."""
+    split of val_size pairs. A training pair with a held-out pair's prompt is dropped (counted): no
+    run trains on a prompt it validates on, nor on its answers. num_examples: the first N training
+    pairs only; 0 = all."""
     counts = {} if counts is None else counts
     if data != HUB_DATASET:
         pairs = load_pairs(data, hub_subset, split, skip_bad_lines, counts, render)
@@ -287,16 +294,17 @@ def split_data(data: str, hub_subset: str = "harmless-base", val_size: int = 200
             raise DataError(f"{data}: {len(pairs)} usable pairs, not enough for {val_size} validation pairs")
         validation, train_pairs = pairs[:val_size], pairs[val_size:]
     else:
-        if split == "test":
-            raise DataError(f"{HUB_DATASET} validates on its test split: train on another --split (train)")
+        if "test" in split:  # "test", "test[:90%]", "train+test": the pairs validation and judge.py read
+            raise DataError(f"{HUB_DATASET} validates on its test split: train on a --split without it (train), "
+                            f"not {split}")
         train_pairs = load_pairs(HUB_DATASET, hub_subset, split, skip_bad_lines, counts)
         validation = load_pairs(HUB_DATASET, hub_subset, "test", skip_bad_lines, counts)
         random.Random(seed).shuffle(validation)
         validation = validation[:val_size]
-    held_out = set(validation)
-    kept = [pair for pair in train_pairs if pair not in held_out]  # the same text twice, in a file or across splits
+    held_out = {pair.prompt for pair in validation}  # the same pair twice, or the same prompt with other answers
+    kept = [pair for pair in train_pairs if pair.prompt not in held_out]
     if len(kept) < len(train_pairs):
-        counts["also a held-out pair"] = counts.get("also a held-out pair", 0) + len(train_pairs) - len(kept)
+        counts["a held-out pair's prompt"] = counts.get("a held-out pair's prompt", 0) + len(train_pairs) - len(kept)
     train_pairs = kept
     if num_examples:
         train_pairs = train_pairs[:num_examples]

@@ -509,13 +509,13 @@ def evaluate(config: JudgeConfig, judge: Judge | None = None) -> dict[str, Compa
         questions = pairs[:config.num_test_questions]
         answers = logged_answers(checkpoint, [pair.prompt for pair in questions], config, judgements)
         turn_end = data.assistant_turn_end(data.chat_renderer(train.cached_tokenizer(checkpoint["base_model"])))
-        answers["dataset"] = [data.plain_answer(pair.chosen, turn_end) for pair in questions]  # no template markup
+        answers["dataset"] = [data.without_turn_end(pair.chosen, turn_end) for pair in questions]  # no template markup
         policy = policy_name(checkpoint)
         compared = [(policy, "base"), *([("dpo", "sft")] if "sft" in checkpoint else []), (policy, "dataset")]
         items = {  # (prompt_id, prompt, answer X, answer Y): X is the side whose win rate is reported
             f"{x}_vs_{y}": [(i, pair.prompt, answers[x][i], answers[y][i]) for i, pair in enumerate(questions)]
             for x, y in compared}
-        items["sanity"] = [(i, pair.prompt, data.plain_answer(pair.chosen, turn_end), data.plain_answer(pair.rejected, turn_end))
+        items["sanity"] = [(i, pair.prompt, data.without_turn_end(pair.chosen, turn_end), data.without_turn_end(pair.rejected, turn_end))
                            for i, pair in enumerate(pairs[:config.sanity])]
         return {name: summarise(name, judge_comparison(judge, name, items[name], judgements, config.tie_margin), config.tie_margin)
                 for name in items if items[name]}

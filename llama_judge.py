@@ -196,20 +196,26 @@ def serve_judge(connection: Connection) -> None:
     make_judge, extra_buffer_types = connection.recv()
     try:
         judge = make_judge(extra_buffer_types=extra_buffer_types)
-    except (ValueError, OSError) as error:
-        connection.send(("error", str(error)))
+    except Exception as error:  # a Python exception is no native crash: its one line goes back to be said
+        connection.send(("error", as_line(error)))
         return
-    connection.send(("ready", None))
-    with contextlib.closing(judge) if hasattr(judge, "close") else contextlib.nullcontext():
-        while True:
-            try:
+    with contextlib.suppress(EOFError, BrokenPipeError, ConnectionResetError):  # the parent is done (or gone)
+        connection.send(("ready", None))
+        with contextlib.closing(judge) if hasattr(judge, "close") else contextlib.nullcontext():
+            while True:
                 question = connection.recv()
-            except EOFError:  # the parent is done
-                return
-            try:
-                connection.send(("p_a", judge(*question)))
-            except ValueError as error:
-                connection.send(("error", str(error)))
+                try:
+                    reply = ("p_a", judge(*question))
+                except Exception as error:
+                    reply = ("error", as_line(error))
+                connection.send(reply)
+
+
+def as_line(error: Exception) -> str:
+    """A ValueError's own message (ours: it names the file and the way out); any other exception
+    with its type first (llama-cpp-python's RuntimeError, a chat template's TemplateSyntaxError)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return text if isinstance(error, ValueError) else f"{type(error).__name__}: {text}"
 
 
 class JudgeProcess:

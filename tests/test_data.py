@@ -135,13 +135,16 @@ def test_conversational_data_without_a_tokenizer_and_unknown_files_are_clear_err
 
 # ----- what a review of the new breadth found (each trained on the wrong thing, or crashed) ------
 
-def test_a_malformed_first_record_does_not_decide_the_files_format(tmp_path):
-    good = [in_three_formats([f"Question {i}?"], f"Answer {i}.", "No.")["explicit"] for i in range(3)]
+@pytest.mark.parametrize("record_format", ["hh", "conversational"])
+def test_a_malformed_first_record_does_not_decide_the_files_format(tmp_path, record_format):
+    """A bad first line ("prompt": null) once made the file explicit, every good HH record "another format"."""
+    good = [in_three_formats([f"Question {i}?"], f"Answer {i}.", "No.")[record_format] for i in range(3)]
     path = write(tmp_path / "d.jsonl", [{"prompt": None, "chosen": "a", "rejected": "b"}, *good])
     with pytest.raises(data.DataError, match=r"d\.jsonl:1: malformed record \('prompt' and 'chosen'"):
-        data.load_pairs(path)
+        data.load_pairs(path, render=data.render_hh)
     counts = {}
-    assert len(data.load_pairs(path, skip_bad_lines=True, counts=counts)) == 3 and counts == {"malformed line": 1}
+    assert len(data.load_pairs(path, skip_bad_lines=True, counts=counts, render=data.render_hh)) == 3
+    assert counts == {"malformed line": 1}
 
 
 @pytest.mark.parametrize("answer_roles", [["assistant", "user"], ["user"], ["assistant", "system"]])
@@ -194,10 +197,21 @@ def test_no_pair_trained_on_is_a_held_out_pair(tmp_path_factory, pair_ids, val_s
     assume(len(set(pair_ids)) > val_size)
     counts = {}
     train_pairs, validation = data.split_data(path, val_size=val_size, seed=seed, counts=counts)
-    assert not set(train_pairs) & set(validation) and len(validation) == val_size
-    assert len(train_pairs) + len(validation) + counts.get("also a held-out pair", 0) == len(pair_ids)
+    assert not {p.prompt for p in train_pairs} & {p.prompt for p in validation} and len(validation) == val_size
+    assert len(train_pairs) + len(validation) + counts.get("a held-out pair's prompt", 0) == len(pair_ids)
 
 
-def test_the_hubs_test_split_is_never_trained_on_since_it_validates():
-    with pytest.raises(data.DataError, match="Anthropic/hh-rlhf validates on its test split: train on another --split"):
-        data.split_data(data.HUB_DATASET, split="test")
+def test_a_training_pair_with_a_held_out_prompt_and_other_answers_is_dropped_too(tmp_path):
+    rows = [in_three_formats([f"Question {i}?"], f"Answer {i}.", "No.")["hh"] for i in range(6)]
+    rows += [in_three_formats([f"Question {i}?"], f"Answer {i}.", f"Other {i}.")["hh"] for i in range(6)]
+    counts = {}
+    train_pairs, validation = data.split_data(write(tmp_path / "d.jsonl", rows), val_size=3, counts=counts)
+    assert not {p.chosen for p in train_pairs} & {p.chosen for p in validation}  # no held-out answer trained on
+    assert counts == {"a held-out pair's prompt": 3} and len(train_pairs) == 6
+
+
+@pytest.mark.parametrize("split", ["test", "test[:90%]", "train+test"])
+def test_the_hubs_test_split_is_never_trained_on_since_it_validates(split):
+    with pytest.raises(data.DataError, match="Anthropic/hh-rlhf validates on its test split: train on a --split "
+                                             "without it"):
+        data.split_data(data.HUB_DATASET, split=split)

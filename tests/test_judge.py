@@ -309,6 +309,31 @@ def test_a_native_crash_of_the_judge_is_one_line_and_the_log_keeps_every_verdict
     assert again[:len(records)] == records and sum(r["kind"] == "judgement" for r in again) == 6
 
 
+class RaisesWhileJudging:
+    """A judge whose second call raises a Python exception (as llama-cpp-python's
+    RuntimeError("llama_decode returned -1") does): no native crash."""
+
+    def __init__(self, *args, **options):
+        self.calls = 0
+
+    def __call__(self, *question):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("llama_decode returned -1")
+        return 0.5
+
+
+def test_a_python_exception_in_the_judge_is_its_own_one_line_not_a_native_crash():
+    child = llama_judge.JudgeProcess(RaisesWhileJudging, "j.gguf")
+    try:
+        with pytest.raises(ValueError, match=r"^RuntimeError: llama_decode returned -1$"):
+            child(*PAIRS[0])
+        assert child(*PAIRS[1]) == 0.5  # and the judge goes on
+    finally:
+        child.close()
+    assert child.process.returncode == 0
+
+
 def test_a_build_with_the_amx_matmul_that_crashes_is_judged_without_it_said_in_one_line(checkpoint, tmp_path,
                                                                                       monkeypatch, capsys):
     monkeypatch.setattr(judge, "LlamaJudge", KillsItself)
@@ -596,6 +621,9 @@ def test_both_sides_of_a_comparison_are_plain_answer_text_cut_at_the_models_end_
     assert data.plain_answer("Blue.<end_of_turn>\n", turn_end) == "Blue."
     assert data.plain_answer("Blue.<end_of_turn>\n<start_of_turn>user\nAnd red?", turn_end) == "Blue."
     assert data.plain_answer(" Blue.\n\nHuman: and red?", "") == " Blue."
+    # a dataset answer loses only the markup after it: its own text may quote a dialogue
+    assert data.without_turn_end(" Say:\n\nHuman: hi<end_of_turn>\n", turn_end) == " Say:\n\nHuman: hi"
+    assert data.without_turn_end(" Say:\n\nHuman: hi", "") == " Say:\n\nHuman: hi"
     chat.add_special_tokens({"additional_special_tokens": ["<end_of_turn>"]})  # one token: generation stops on it
     prompt = f"{H} Name a colour.{A}"
     start = len(chat(prompt).input_ids)

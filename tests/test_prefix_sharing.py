@@ -101,12 +101,18 @@ def tiny_of(config_class, model_class, **settings):
     return model_class(config_class(vocab_size=VOCAB, max_position_embeddings=128, **settings)).eval()
 
 
-def windowed_gpt_neo():
+def windowed_gpt_neo(window_size=16):
     """GPT-Neo's local attention: its window is config.window_size (not sliding_window), applied by
     column inside the attention, so a shared row longer than it loses prompt keys that two rows see."""
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
-    return tiny_of(GPTNeoConfig, GPTNeoForCausalLM, hidden_size=32, num_layers=2, num_heads=2, window_size=16,
-                   attention_types=[[["global", "local"], 1]])
+    return tiny_of(GPTNeoConfig, GPTNeoForCausalLM, hidden_size=32, num_layers=2, num_heads=2,
+                   window_size=window_size, attention_types=[[["global", "local"], 1]])
+
+
+def gpt_neo_window_past_a_whole_prompt():
+    """A window of 80 at max length 48: longer than prompt + two answers of a whole prompt
+    (24 + 2 x 24 = 72), shorter than the row of a one-token prompt and two answers of 47 (95)."""
+    return windowed_gpt_neo(window_size=80)
 
 
 def alibi_falcon():
@@ -145,11 +151,12 @@ def short_window_gemma3():
     *[(MODELS[family], "shared", None) for family in MODELS],
     (capped_gemma2, "shared", None),
     (windowed_gpt_neo, "two rows", "one shared row a pair gives other log-probs than the model's own forward"),
+    (gpt_neo_window_past_a_whole_prompt, "two rows", "one shared row a pair gives other log-probs than the model's"),
     (short_window_gemma3, "two rows", "one shared row a pair gives other log-probs than the model's own forward"),
     (alibi_falcon, "two rows", "one shared row a pair fails on this model (ValueError: too many values to unpack"),
     (scaled_cohere, "logits", "log_softmax(lm_head(hidden)) is not this model's output"),
     (scaled_granite, "logits", "log_softmax(lm_head(hidden)) is not this model's output"),
-], ids=[*MODELS, "gemma2 soft-cap", "gpt_neo window", "gemma3 short window", "falcon alibi", "cohere logit_scale",
+], ids=[*MODELS, "gemma2 soft-cap", "gpt_neo window", "gpt_neo window 80", "gemma3 short window", "falcon alibi", "cohere logit_scale",
         "granite logits_scaling"])
 def test_the_run_measures_which_layout_gives_its_models_own_log_probs_and_says_so_once(make, layout, said):
     """Verify, don't enumerate: the probe, not a list of config names, decides. Whatever it picks,
@@ -160,7 +167,8 @@ def test_the_run_measures_which_layout_gives_its_models_own_log_probs_and_says_s
     assert collate.func is (data.collate_shared if layout == "shared" else data.collate)
     assert model.scores_from_logits == (layout == "logits")
     assert len(announced) == (said is not None) and all(said in line for line in announced)
-    items = train.probe_pairs(model, 40, 16)  # other lengths than the probe's own
+    items = [data.TokenizedPair(list(range(2)), list(range(46)), list(range(3, 49))),  # other lengths than the
+             data.TokenizedPair(list(range(20)), list(range(9)), list(range(1, 5)))]    # probe's, the longest row too
     with torch.no_grad():
         own = train.own_logps(model, data.collate(items, [0, 1], 0)).sum
         torch.testing.assert_close(train.batch_logps(model, collate(items, [0, 1])).sum, own, rtol=1e-5, atol=1e-4)
@@ -186,3 +194,9 @@ def test_the_probe_puts_every_weight_back_bit_for_bit_in_its_own_dtype():
     after = model.state_dict()
     assert all(after[name].dtype == dtype and torch.equal(after[name], value) for name, (dtype, value) in before.items())
     assert any(dtype == torch.float32 for dtype, _ in before.values()) and list(model.parameters()) == parameters
+
+
+def test_the_probe_reads_the_vocabulary_when_lora_wraps_the_output_layer():
+    model = MODELS["llama"]()
+    lora.add_lora(model, lora.LoRAConfig(r=4, targets=("q_proj", "lm_head")))
+    assert train.probe_layout(model, 48, 24, 0)[0] == "shared"

@@ -449,6 +449,10 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys, tiny_gpt2_d
     good = write_jsonl(tmp_path / "good.jsonl", synthetic_rows(8))
     assert train.main(["--data", good, "--model", str(tmp_path / "no-model.gguf"), "--val-size", "2"]) == 2
     assert "model not found" in capsys.readouterr().err
+    under_a_file = tmp_path / "good.jsonl" / "run"  # a --checkpoint-dir that cannot be made
+    assert train.main(["--data", good, "--model", tiny_gpt2_dir, "--val-size", "2", "--checkpoint-dir",
+                       str(under_a_file)]) == 1
+    assert capsys.readouterr().err.strip() == f"train.py: error: cannot write {under_a_file}: Not a directory"
     for argv in (["--beta", "-1"], ["--lr", "0"], ["--no-such-flag"]):
         with pytest.raises(SystemExit) as exit_info:
             train.parse_args(argv)
