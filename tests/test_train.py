@@ -439,6 +439,19 @@ def test_early_stopping_fires_when_validation_loss_stops_falling(tmp_path, tiny_
     assert result["best_val_loss"] == pytest.approx(math.log(2))
 
 
+def test_dtype_auto_is_the_faster_of_bf16_and_fp32_measured_here_and_said_once():
+    """Verify, don't enumerate: a bf16 matmul is fast with AMX and emulated (slow) without bf16
+    matrix units, so no CPU name decides; the measurement does, and the run records its choice."""
+    said = []
+    chosen = train.with_measured_dtype(train.TrainConfig(), torch.device("cpu"), 1, said.append)
+    fp32, bf16 = (train.matmul_seconds(dtype, torch.device("cpu"), repeats=5) for dtype in (torch.float32, torch.bfloat16))
+    assert chosen.dtype in ("float32", "bfloat16") and len(said) == 1 and said[0].startswith(f"--dtype auto: {chosen.dtype}")
+    if max(fp32, bf16) > 2 * min(fp32, bf16):  # a clear winner: the choice is it
+        assert chosen.dtype == ("bfloat16" if bf16 < fp32 else "float32")
+    assert train.with_measured_dtype(train.TrainConfig(dtype="float32"), torch.device("cpu"), 1, said.append).dtype == "float32"
+    assert len(said) == 1  # a dtype given is not measured
+
+
 def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys, tiny_gpt2_dir):
     assert train.main(["--data", str(tmp_path / "missing.jsonl"), "--model", tiny_gpt2_dir]) == 1
     err = capsys.readouterr().err.strip()
