@@ -924,6 +924,7 @@ def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.dev
     torch.manual_seed(config.seed)  # the same LoRA init on every rank
     dropped: dict = {}
     train_pairs, val_pairs = split_data_of(config, dropped)
+    config = with_measured_dtype(config, device, world_size, say if rank == 0 else lambda _: None)  # after the data's checks
     if rank == 0:
         say(f"loading {config.model}")
     model, tokenizer = load_model_and_tokenizer(config.model, config.dtype)
@@ -1078,7 +1079,6 @@ def train(config: TrainConfig) -> dict:
         if config.init_adapters:
             config, initial_adapters = init_adapters_of(config)
         config = with_offline_fallbacks(config, announce=rank == 0)
-        config = with_measured_dtype(config, device, world_size, say if rank == 0 else lambda _: None)
     run = build_run(config, rank, world_size, device, sft_stage, initial_adapters)
     state = RunState() if resumed is None else restore(run, resumed)
 
