@@ -16,7 +16,7 @@ import os
 import random
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -278,37 +278,57 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
-def split_data(data: str, hub_subset: str = "harmless-base", val_size: int = 200, seed: int = 0,
-               num_examples: int = 0, skip_bad_lines: bool = False, counts: dict | None = None,
-               split: str = "train", render: Render | None = None) -> tuple[list[Pair], list[Pair]]:
-    """(train, validation). Anthropic/hh-rlhf from the Hub: its --split (train), and val_size pairs
-    of its test split. Any other data, a local file or a Hub dataset's --split: a seeded held-out
-    split of val_size pairs. A training pair with a held-out pair's prompt is dropped (counted): no
-    run trains on a prompt it validates on, nor on its answers. num_examples: the first N training
-    pairs only; 0 = all."""
+class Splits(NamedTuple):
+    """A run's three splits, each with one job: train (the gradient), validation (early stopping,
+    best.pt, any choice of settings), test (scored once, at the end; nothing is chosen on it)."""
+    train: list[Pair]
+    validation: list[Pair]
+    test: list[Pair]
+
+
+def split_data(data: str, hub_subset: str = "harmless-base", val_size: int = 200, test_size: int = 200,
+               seed: int = 0, num_examples: int = 0, skip_bad_lines: bool = False, counts: dict | None = None,
+               split: str = "train", render: Render | None = None) -> Splits:
+    """The three splits. Anthropic/hh-rlhf from the Hub: its --split trains, and its test split,
+    shuffled by seed, gives val_size validation pairs (its first) and test_size test pairs (its
+    last). Any other data, a local file or a Hub dataset's --split: the same seeded shuffle of all
+    its pairs, validation first, test last, the rest trains. No pair trains on a prompt that
+    validation or test holds (counted), nor validates on a test prompt: the same prompt with other
+    answers would leak them. num_examples: the first N training pairs only; 0 = all. test_size 0:
+    no test split (what older checkpoints had)."""
     counts = {} if counts is None else counts
     if data != HUB_DATASET:
         pairs = load_pairs(data, hub_subset, split, skip_bad_lines, counts, render)
         random.Random(seed).shuffle(pairs)
-        if len(pairs) <= val_size:
-            raise DataError(f"{data}: {len(pairs)} usable pairs, not enough for {val_size} validation pairs")
-        validation, train_pairs = pairs[:val_size], pairs[val_size:]
+        if len(pairs) <= val_size + test_size:
+            raise DataError(f"{data}: {len(pairs)} usable pairs, not enough for {val_size} validation and "
+                            f"{test_size} test pairs and some to train on")
+        train_pairs = pairs[val_size:len(pairs) - test_size]
     else:
-        if "test" in split:  # "test", "test[:90%]", "train+test": the pairs validation and judge.py read
-            raise DataError(f"{HUB_DATASET} validates on its test split: train on a --split without it (train), "
-                            f"not {split}")
+        if "test" in split:  # "test", "test[:90%]", "train+test": the pairs validation, test and judge.py read
+            raise DataError(f"{HUB_DATASET} validates and tests on its test split: train on a --split without it "
+                            f"(train), not {split}")
         train_pairs = load_pairs(HUB_DATASET, hub_subset, split, skip_bad_lines, counts)
-        validation = load_pairs(HUB_DATASET, hub_subset, "test", skip_bad_lines, counts)
-        random.Random(seed).shuffle(validation)
-        validation = validation[:val_size]
-    held_out = {pair.prompt for pair in validation}  # the same pair twice, or the same prompt with other answers
-    kept = [pair for pair in train_pairs if pair.prompt not in held_out]
-    if len(kept) < len(train_pairs):
-        counts["a held-out pair's prompt"] = counts.get("a held-out pair's prompt", 0) + len(train_pairs) - len(kept)
-    train_pairs = kept
+        pairs = load_pairs(HUB_DATASET, hub_subset, "test", skip_bad_lines, counts)
+        random.Random(seed).shuffle(pairs)
+        if len(pairs) < val_size + test_size:
+            raise DataError(f"{HUB_DATASET} ({hub_subset}) has {len(pairs)} test-split pairs, fewer than "
+                            f"{val_size} validation + {test_size} test pairs")
+    validation, test = pairs[:val_size], pairs[len(pairs) - test_size:] if test_size else []
+    validation = without_prompts(validation, {pair.prompt for pair in test}, "a test pair's prompt", counts)
+    held_out = {pair.prompt for pair in validation + test}  # the same pair twice, or the same prompt, other answers
+    train_pairs = without_prompts(train_pairs, held_out, "a held-out pair's prompt", counts)
     if num_examples:
         train_pairs = train_pairs[:num_examples]
-    return train_pairs, validation
+    return Splits(train_pairs, validation, test)
+
+
+def without_prompts(pairs: list[Pair], prompts: set[str], reason: str, counts: dict) -> list[Pair]:
+    """The pairs whose prompt is not one of prompts; the others counted under reason."""
+    kept = [pair for pair in pairs if pair.prompt not in prompts]
+    if len(kept) < len(pairs):
+        counts[reason] = counts.get(reason, 0) + len(pairs) - len(kept)
+    return kept
 
 
 # ---------------------------------------------------------------------------------------

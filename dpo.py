@@ -11,9 +11,12 @@ Three ideas live here:
      with its two published variants, conservative DPO and IPO.
   3. The supervised loss that makes a reference when there is no SFT model to start from:
      the likelihood of the preferred answers (Section 4).
+And how sure a measured share is (reward accuracy on held-out pairs, a judge's win rate): the
+Wilson interval.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -281,3 +284,23 @@ def sft_loss(chosen_logps: SequenceLogps) -> SupervisedLoss:
     and DPO's implicit reward is measured from there.
     """
     return SupervisedLoss(-chosen_logps.sum, chosen_logps.count)
+
+
+Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (Wilson 1927, JASA 22:209):
+
+        (p + z^2/2n -/+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n),   p = successes / n
+
+    Unlike p +/- z sqrt(p(1-p)/n) it stays inside [0, 1] and is not empty at 0 or n
+    successes. n = 0 says nothing: (0, 1).
+    """
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half_width = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    # At 0 and n successes the bounds are exactly 0 and 1; the formula gets there only up to rounding.
+    return (0.0 if successes == 0 else center - half_width), (1.0 if successes == n else center + half_width)

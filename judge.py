@@ -6,8 +6,9 @@
 Three steps, as in the DPO paper's evaluation (Rafailov et al. 2023, arXiv 2305.18290,
 Section 6), with a small local judge in the place of GPT-4:
 
-  1. Answers. On held-out prompts of the run, the base model, then (with the checkpoint's
-     adapters added to that same network: no second copy) the DPO model (adapters merged
+  1. Answers. On the run's test prompts (nothing trained or was chosen on them), the base
+     model, then (with the checkpoint's adapters added to that same network: no second
+     copy) the DPO model (adapters merged
      into the weights) each sample one answer; after an SFT stage, the SFT model too (DPO's
      reference: adapters off), as the paper compares DPO with it.
   2. Verdicts. The judge reads the conversation and two answers, A and B, and we read its
@@ -21,7 +22,7 @@ Section 6), with a small local judge in the place of GPT-4:
   3. Win rates. A pair is a tie when |pref - 0.5| <= tie margin, else a win or a loss for X.
      The win rate is wins / (wins + losses) with a 95% Wilson score interval.
 
-The judge states its own trust: it also judges --sanity human-labelled held-out pairs, and
+The judge states its own trust: it also judges --sanity human-labelled test pairs, and
 the last line of the report is its agreement with people. When that interval holds 50%, the
 judge is not shown to be better than a coin, and the report says the win rates are no evidence.
 
@@ -37,7 +38,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -48,10 +48,10 @@ from tqdm import tqdm
 
 import data
 import lora
+from dpo import wilson_interval  # how sure a measured share is: a win rate here, reward accuracy in train.py
 import train  # the checkpoint format and the held-out split are the trainer's
 from llama_judge import Judge, JudgeDied, JudgeProcess, LlamaJudge  # Judge: LlamaJudge, or any function (tests)
 
-Z_95 = 1.959963984540054      # the standard normal's 97.5% quantile: a two-sided 95% interval
 JUDGE_REPO = "TheBloke/Llama-2-7b-Chat-GGUF"  # the seed's judge, on the Hugging Face Hub...
 JUDGE_FILE = "llama-2-7b-chat.Q4_K_M.gguf"     # ...as a 4-bit GGUF file (4.1 GB)
 
@@ -61,7 +61,7 @@ JUDGE_FILE = "llama-2-7b-chat.Q4_K_M.gguf"     # ...as a 4-bit GGUF file (4.1 GB
 class JudgeConfig:
     checkpoint: str                    # checkpoint .pt written by train.py
     # answers
-    num_test_questions: int = 5        # held-out prompts answered by every model (base, SFT, DPO) and judged
+    num_test_questions: int = 5        # the run's test prompts answered by every model (base, SFT, DPO) and judged
     max_new_tokens: int = 128          # most tokens per answer (an answer ends earlier at EOS)
     temperature: float = 0.7           # sampling temperature of the answers; 0 = greedy
     seed: int = 0                      # sampling seed: batch k samples under (seed, k), the same for every model
@@ -74,7 +74,7 @@ class JudgeConfig:
     tie_margin: float = 0.05           # a pair is a tie when |pref - 0.5| <= this
     # 25 sanity pairs: a 95% interval of +-18 points around 50%, so a judge at chance is exposed and one that
     # agrees on 18 of 25 (72%) is shown better than a coin, for 50 judge calls (2.5x those of 5 questions).
-    sanity: int = 25                   # also judge this many human-labelled held-out pairs: agreement with people; 0 = skip
+    sanity: int = 25                   # also judge this many human-labelled test pairs: agreement with people; 0 = skip
     # log
     output: str = "judgements.jsonl"  # JSONL log of every answer and verdict, written as made
     resume: bool = False               # continue --output, skipping what it holds (otherwise it starts afresh)
@@ -349,23 +349,6 @@ def judge_comparison(judge: Judge, comparison: str, items: list[tuple[int, str, 
 # 3. Win rates
 # ---------------------------------------------------------------------------------------
 
-def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (Wilson 1927, JASA 22:209):
-
-        (p + z^2/2n -/+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n),   p = successes / n
-
-    Unlike p +/- z sqrt(p(1-p)/n) it stays inside [0, 1] and is not empty at 0 or n
-    successes. n = 0 says nothing: (0, 1).
-    """
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    center = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half_width = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    # At 0 and n successes the bounds are exactly 0 and 1; the formula gets there only up to rounding.
-    return (0.0 if successes == 0 else center - half_width), (1.0 if successes == n else center + half_width)
-
-
 def share(count: int, total: int) -> float | None:
     return count / total if total else None
 
@@ -497,7 +480,7 @@ def evaluate(config: JudgeConfig, judge: Judge | None = None) -> dict[str, Compa
         checkpoint = train.load_checkpoint(config.checkpoint)
         pairs = train.held_out_pairs(checkpoint, config.checkpoint)
         if len(pairs) < max(config.num_test_questions, config.sanity):
-            raise ValueError(f"the run holds out {len(pairs)} pairs, fewer than --num-test-questions "
+            raise ValueError(f"the run holds out {len(pairs)} test pairs, fewer than --num-test-questions "
                              f"{config.num_test_questions} or --sanity {config.sanity}: ask for at most {len(pairs)}")
         judge_file = judge_model_file(config.judge_model)
         judgements = stack.enter_context(contextlib.closing(
@@ -524,14 +507,14 @@ def evaluate(config: JudgeConfig, judge: Judge | None = None) -> dict[str, Compa
 def run_eval(model_name: str = train.HUB_MODEL, dataset: str = data.HUB_DATASET, num_test_questions: int = 5,
              load_path: str = "checkpoints/best.pt", **options) -> dict[str, ComparisonResult]:
     """The seed's entry point: judge the DPO checkpoint at load_path on num_test_questions
-    held-out prompts; evaluate(JudgeConfig(load_path, num_test_questions, **options)).
+    test prompts; evaluate(JudgeConfig(load_path, num_test_questions, **options)).
 
     Where the seed's meaning differs: the checkpoint names its own base model and data, so
     model_name and dataset choose nothing; they are checked. Their defaults (gpt2,
     Anthropic/hh-rlhf) always pass, since an offline training run replaced them by the bundled
     Gemma 3 270M and pairs; any other value must be the checkpoint's own, or it is a ValueError.
-    The prompts are the run's held-out pairs (never trained on), not the dataset's first test
-    rows. The results are returned, not printed: print(report(results)) prints what judge.py
+    The prompts are the run's test pairs (never trained or chosen on), not the dataset's first
+    test rows. The results are returned, not printed: print(report(results)) prints what judge.py
     does. options: any other JudgeConfig field, e.g. judge_model, sanity or output.
     """
     checkpoint = train.load_checkpoint(load_path)

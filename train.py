@@ -50,7 +50,9 @@ class TrainConfig:
     hub_subset: str = "harmless-base"  # subset (folder) of Anthropic/hh-rlhf on the Hub: harmless-base, helpful-base, ...
     split: str = "train"               # the split of a Hub dataset to train on (Anthropic/hh-rlhf validates on its test split)
     num_examples: int = 800            # train on the first N pairs (the default run fits 30 min on 2 CPU cores); 0 = all
-    val_size: int = 200                # held-out validation pairs
+    val_size: int = 200                # validation pairs: early stopping, best.pt, any choice of settings
+    test_size: int = 200               # test pairs, scored once at the end of a run: nothing is chosen on them; 0 = none
+    split_seed: int = 0                # the seeded shuffle that makes the validation and test split
     skip_bad_lines: bool = False       # count and skip malformed lines instead of stopping
     max_length: int = 192              # prompt + response tokens per sequence
     max_prompt_length: int = 96        # prompt tokens kept (the last ones)
@@ -78,7 +80,7 @@ class TrainConfig:
     schedule: str = "cosine"           # after warmup: constant or cosine decay to 0
     weight_decay: float = 0.0          # AdamW weight decay
     max_grad_norm: float = 1.0         # gradient clipping
-    seed: int = 0                      # data split, data order, LoRA init
+    seed: int = 0                      # data order, LoRA init (the split has its own, --split-seed)
     threads: int = 0                   # CPU threads for torch; 0 = torch's default (on a busy machine fewer is faster)
     # evaluation and checkpoints
     eval_every: int = 50               # validate every N optimizer steps
@@ -103,7 +105,7 @@ class TrainConfig:
             (self.dtype in ("auto", "float32", "bfloat16"), "dtype must be auto, float32 or bfloat16"),
             (0 < self.max_prompt_length < self.max_length, "max_prompt_length must be in (0, max_length)"),
             (min(self.batch_size, self.grad_accum, self.epochs) >= 1, "batch_size, grad_accum and epochs must be >= 1"),
-            (self.val_size >= 1, "val_size must be >= 1"),
+            (self.val_size >= 1 and self.test_size >= 0, "val_size must be >= 1 and test_size >= 0"),
             (self.threads >= 0, "threads must be >= 0"),
             (self.eval_every >= 1 and self.checkpoint_every >= 1, "eval_every and checkpoint_every must be >= 1"),
             (self.warmup_steps >= 0 and self.early_stop_patience >= 0, "warmup_steps and early_stop_patience must be >= 0"),
@@ -116,17 +118,22 @@ class TrainConfig:
 
 
 def held_out_pairs(checkpoint: dict, path: str) -> list[data.Pair]:
-    """The validation pairs of a checkpoint's run, checked against the fingerprint it saved. A
-    run on the Hub's data, judged where the Hub cannot be reached, gets the bundled pairs: they
-    come from the Hub's test split, so that run never trained on them either (said in one line)."""
+    """The test pairs of a checkpoint's run (judge.py's prompts), checked against the fingerprint
+    it saved; an older run's validation pairs when it had no test split (said). A run on the
+    Hub's data, judged where the Hub cannot be reached, gets the bundled test pairs: they come
+    from the Hub's test split, so that run never trained on them either (said in one line)."""
     saved = config_from_dict(checkpoint["config"])
     if saved.data == HUB_DATASET and (reason := hub_unreachable_reason()) is not None:
         say(f"the Hugging Face Hub cannot be reached ({reason}): held-out prompts from the bundled {BUNDLED_DATA} "
             f"(HH-RLHF test-split pairs) instead of {HUB_DATASET}'s test split")
-        return split_data_of(dataclasses.replace(saved, data=BUNDLED_DATA))[1]
-    validation = split_data_of(saved)[1]
-    check_same_data(checkpoint, path, lambda: data_sha256_of(saved, {"validation": validation}))
-    return validation
+        return split_data_of(dataclasses.replace(saved, data=BUNDLED_DATA, test_size=saved.test_size or 200)).test
+    splits = split_data_of(saved)
+    name = "test" if saved.test_size else "validation"
+    if not saved.test_size:
+        say(f"{path} has no test split (an older train.py wrote it): its validation pairs instead, on which its "
+            f"best.pt was chosen")
+    check_same_data(checkpoint, path, lambda: data_sha256_of(saved, {name: getattr(splits, name)}))
+    return getattr(splits, name)
 
 
 def data_sha256_of(config: TrainConfig, pairs: dict[str, list[data.Pair]]) -> dict[str, str]:
@@ -145,20 +152,20 @@ def check_same_data(checkpoint: dict, path: str, now: typing.Callable[[], dict[s
         say(f"{path} has no fingerprint of its data (an older train.py wrote it): nothing shows its pairs are "
             f"the ones its settings give now")
         return
-    differ = [name for name, sha256 in now().items() if saved[name] != sha256]
+    differ = [name for name, sha256 in now().items() if saved.get(name) != sha256]
     if differ:
         raise ValueError(f"{path} was made with other {' and '.join(differ)} pairs than its settings give now "
                          f"(their token ids differ: has the data file, its chat template or the tokenizer "
                          f"changed?): start a new run, or use the data it was made with")
 
 
-def split_data_of(config: TrainConfig, counts: dict | None = None) -> tuple[list[data.Pair], list[data.Pair]]:
-    """The (train, validation) pairs of a run. Conversational records are rendered with the chat
-    template of the run's model (its tokenizer is loaded only for them)."""
+def split_data_of(config: TrainConfig, counts: dict | None = None) -> data.Splits:
+    """The (train, validation, test) pairs of a run. Conversational records are rendered with the
+    chat template of the run's model (its tokenizer is loaded only for them)."""
     def render(messages: list[dict], add_generation_prompt: bool) -> str:
         return data.chat_renderer(cached_tokenizer(config.model))(messages, add_generation_prompt)
-    return data.split_data(config.data, config.hub_subset, config.val_size, config.seed, config.num_examples,
-                           config.skip_bad_lines, counts, config.split, render)
+    return data.split_data(config.data, config.hub_subset, config.val_size, config.test_size, config.split_seed,
+                           config.num_examples, config.skip_bad_lines, counts, config.split, render)
 
 
 @functools.cache
@@ -175,6 +182,8 @@ def config_from_dict(saved: dict) -> TrainConfig:
         saved["data"] = HUB_DATASET
     if saved.get("num_examples", 0) is None:  # and num_examples=None for all pairs
         saved["num_examples"] = 0
+    saved.setdefault("test_size", 0)  # before Dec 2026: no test split, and seed made the split
+    saved.setdefault("split_seed", saved.get("seed", 0))
     return TrainConfig(**saved)
 
 
@@ -663,12 +672,16 @@ def sft_stage_of(config: TrainConfig) -> tuple[TrainConfig, dict]:
         raise ValueError(f"{path} fine-tuned {sft['base_model']}, not {config.model}: drop --model")
     config = dataclasses.replace(config, model=sft["base_model"])
     sft_data = with_offline_fallbacks(saved, announce=False)
-    sft_train, sft_validation = split_data_of(sft_data)
+    sft_splits = split_data_of(sft_data)
     if sft_data.data == saved.data:  # (an SFT run on the Hub's pairs, used offline: the bundled ones stand in)
-        check_same_data(sft, path, lambda: data_sha256_of(saved, {"train": sft_train, "validation": sft_validation}))
-    if sft_validation != split_data_of(with_offline_fallbacks(config, announce=False))[1]:
-        raise ValueError(f"{path} held out other validation pairs than this run would (another --data, --seed or "
-                         f"--val-size): its model may have trained on them; use the SFT run's data settings")
+        check_same_data(sft, path, lambda: data_sha256_of(saved, {name: getattr(sft_splits, name)
+                                                                  for name in ("train", "validation", "test")
+                                                                  if name != "test" or saved.test_size}))
+    splits = split_data_of(with_offline_fallbacks(config, announce=False))
+    if (sft_splits.validation, sft_splits.test) != (splits.validation, splits.test):
+        raise ValueError(f"{path} held out other validation or test pairs than this run would (another --data, "
+                         f"--split-seed, --val-size or --test-size): its model may have trained on them; use the "
+                         f"SFT run's data settings")
     return config, {"checkpoint": path, "config": sft["config"], "lora": sft["lora"], "adapters": sft["adapters"]}
 
 
@@ -696,6 +709,7 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     rows = read_log(metrics_path)
     train_rows = [r for r in rows if r["split"] == "train"]
     val_rows = [r for r in rows if r["split"] == "val"]
+    test_rows = [r for r in rows if r["split"] == "test"]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
     window = max(1, len(train_rows) // 20)  # a few pairs a step are noisy: show a running mean too
     supervised = "perplexity" in rows[0]
@@ -705,6 +719,10 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
         smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
         axis.plot(steps, smooth, "-", color="tab:blue", label=f"train, mean of {window} steps")
         axis.plot([r["step"] for r in val_rows], [r[key] for r in val_rows], "o-", color="tab:orange", label="validation")
+        for row in test_rows:  # best.pt on the test pairs, once, at its step
+            low, high = row.get(f"{key}_interval", (row[key], row[key]))
+            axis.errorbar([row["step"]], [row[key]], yerr=[[row[key] - low], [high - row[key]]], fmt="*", markersize=12,
+                          color="tab:red", capsize=4, label="test, best.pt" + (" (95% interval)" if low != high else ""))
     if supervised:
         loss_axis.set(xlabel="optimizer step", ylabel="NLL per token", title="SFT loss on the chosen answers")
         accuracy_axis.set(xlabel="optimizer step", ylabel="perplexity", title="perplexity of the chosen answers")
@@ -882,6 +900,7 @@ class Run:
     run_dir: Path
     train_items: list[data.TokenizedPair]
     val_items: list[data.TokenizedPair]
+    test_items: list[data.TokenizedPair]  # scored once, by test_score at the end: nothing before reads them
     dropped: dict                        # reason -> pairs dropped
     model: nn.Module
     collate: typing.Callable[[list, list], data.Batch]  # (items, index) -> a batch: collate_function
@@ -893,7 +912,7 @@ class Run:
     val_reference: ReferenceCache
     batches_per_epoch: int               # whole global batches per epoch
     total_steps: int                     # the schedule's length
-    data_sha256: dict                    # {"train": ..., "validation": ...}: data.fingerprint of the token ids
+    data_sha256: dict                    # {"train": ..., "validation": ..., "test": ...}: data.fingerprint of the token ids
 
     epoch_order: dict = dataclasses.field(default_factory=dict)  # {epoch: its batches}, one epoch at a time
 
@@ -923,7 +942,7 @@ def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.dev
         run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)  # the same LoRA init on every rank
     dropped: dict = {}
-    train_pairs, val_pairs = split_data_of(config, dropped)
+    train_pairs, val_pairs, test_pairs = split_data_of(config, dropped)
     config = with_measured_dtype(config, device, world_size, say if rank == 0 else lambda _: None)  # after the data's checks
     if rank == 0:
         say(f"loading {config.model}")
@@ -933,6 +952,7 @@ def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.dev
         raise ValueError(f"--max-length {config.max_length} exceeds the model's {positions} positions")
     train_items = data.tokenize_pairs(train_pairs, tokenizer, config.max_length, config.max_prompt_length, dropped)
     val_items = data.tokenize_pairs(val_pairs, tokenizer, config.max_length, config.max_prompt_length, dropped)
+    test_items = data.tokenize_pairs(test_pairs, tokenizer, config.max_length, config.max_prompt_length, dropped)
     global_batch = config.batch_size * world_size  # pairs per micro-step, all ranks together
     if len(train_items) < global_batch or not val_items:
         raise DataError(f"too few usable pairs: {len(train_items)} train, {len(val_items)} validation (dropped: {dropped})")
@@ -946,7 +966,8 @@ def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.dev
             raise ValueError(f"--init-adapters {config.init_adapters}: {error}") from None
     model.to(device)
     if rank == 0:
-        say(f"data: {len(train_items)} train / {len(val_items)} validation pairs; dropped: {dropped or 'none'}")
+        say(f"data: {len(train_items)} train / {len(val_items)} validation / {len(test_items)} test pairs; "
+            f"dropped: {dropped or 'none'}")
         chosen_by = ("" if config.lora_targets or lora.known_targets(model) else
                      f" (by module type: {model.config.model_type} has no default targets, so every linear layer "
                      f"of its blocks)")
@@ -968,10 +989,12 @@ def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.dev
     total_steps = config.epochs * batches_per_epoch // config.grad_accum
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    return Run(config, rank, world_size, device, run_dir, train_items, val_items, dropped, model,
+    fingerprints = {"train": data.fingerprint(train_items), "validation": data.fingerprint(val_items)}
+    if config.test_size:
+        fingerprints["test"] = data.fingerprint(test_items)
+    return Run(config, rank, world_size, device, run_dir, train_items, val_items, test_items, dropped, model,
                collate_function(config, model, tokenizer.pad_token_id, say if rank == 0 else lambda _: None), lora_config, sft_stage, scorer, optimizer, ReferenceCache(len(train_items)),
-               ReferenceCache(len(val_items)), batches_per_epoch, total_steps,
-               {"train": data.fingerprint(train_items), "validation": data.fingerprint(val_items)})
+               ReferenceCache(len(val_items)), batches_per_epoch, total_steps, fingerprints)
 
 
 def checkpoint(run: Run, state: RunState, rng: list[dict] | None = None) -> dict:
@@ -1129,18 +1152,38 @@ def train(config: TrainConfig) -> dict:
 
 
 def finish(run: Run, state: RunState, interrupted: bool, seconds: float) -> dict:
-    """The run's summary; rank 0 also plots the curves and says how it ended."""
+    """The run's summary; rank 0 also scores best.pt on the test pairs (a finished run only),
+    plots the curves and says how it ended."""
     run.model.eval()
+    test_metrics = None
     if run.is_main:
         if interrupted:
             say(f"interrupted: saved step {state.step} to {run.run_dir / 'last.pt'}; "
-                f"continue with --resume {run.run_dir / 'last.pt'}")
+                f"continue with --resume {run.run_dir / 'last.pt'} (the test pairs are scored when it finishes)")
+        elif run.test_items:
+            test_metrics = test_score(run)
         plot_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
         say(f"done in {seconds:.0f} s, step {state.step}; best validation loss {state.best_val_loss:.4f}; "
             f"last validation: {format_metrics(state.val_metrics)}")
     return {"step": state.step, "val_metrics": state.val_metrics, "best_val_loss": state.best_val_loss,
-            "stopped_early": state.stopped_early, "interrupted": interrupted, "dropped": run.dropped,
-            "checkpoint_dir": str(run.run_dir)}
+            "test_metrics": test_metrics, "stopped_early": state.stopped_early, "interrupted": interrupted,
+            "dropped": run.dropped, "checkpoint_dir": str(run.run_dir)}
+
+
+def test_score(run: Run) -> dict:
+    """best.pt's adapters scored on the test pairs, once, at the end of the run: the one figure of
+    a run that nothing was chosen on (best.pt and early stopping were chosen on validation).
+    Logged as a "split": "test" row at best.pt's step, with a 95% interval on reward accuracy."""
+    best = load_checkpoint(str(run.run_dir / "best.pt"))
+    lora.load_adapter_state_dict(run.model, best["adapters"])
+    metrics = validation_metrics(run.model, run.test_items, ReferenceCache(len(run.test_items)), run.config, run.collate)
+    if "reward_accuracy" in metrics:  # Wilson's interval: a share of n pairs ranked as people did
+        metrics["reward_accuracy_interval"] = list(dpo.wilson_interval(round(metrics["reward_accuracy"] * metrics["n"]),
+                                                                        metrics["n"]))
+    with writing(run.run_dir / "metrics.jsonl"), open(run.run_dir / "metrics.jsonl", "a") as metrics_file:
+        write_metrics(metrics_file, {"step": best["step"], "split": "test", "checkpoint": "best.pt", **metrics})
+    say(f"test ({metrics['n']} pairs nothing was chosen on), best.pt of step {best['step']}: {format_metrics(metrics)}")
+    return metrics
 
 
 def read_log(path: Path | str, owner: str = "train.py's metrics") -> list[dict]:
@@ -1180,9 +1223,9 @@ def parse_log_line(path: Path | str, line_no: int, line: bytes, owner: str) -> d
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the rows up to the resumed step, so a crash never leaves duplicated rows."""
+    """Keep the rows up to the resumed step, so a crash never leaves duplicated rows (the test row is made again at the end)."""
     if path.exists():
-        rows = [row for row in read_log(path) if row.get("step", 0) <= step]
+        rows = [row for row in read_log(path) if row.get("step", 0) <= step and row.get("split") != "test"]
         with writing(path):
             path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
@@ -1196,7 +1239,8 @@ def write_metrics(file, row: dict) -> None:
 def format_metrics(metrics: dict) -> str:
     if "perplexity" in metrics:
         return f"loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f} on the chosen answers"
-    return (f"loss {metrics['loss']:.4f}, reward accuracy {metrics['reward_accuracy']:.3f}, "
+    interval = " [{:.3f}, {:.3f}]".format(*metrics["reward_accuracy_interval"]) if "reward_accuracy_interval" in metrics else ""
+    return (f"loss {metrics['loss']:.4f}, reward accuracy {metrics['reward_accuracy']:.3f}{interval}, "
             f"margin {metrics['reward_margin']:.4f} (chosen {metrics['chosen_reward']:.4f}, "
             f"rejected {metrics['rejected_reward']:.4f})")
 

@@ -15,7 +15,7 @@ import train  # noqa: E402
 
 checkpoint = train.load_checkpoint(sys.argv[1])
 config = train.config_from_dict(checkpoint["config"])
-val_pairs = train.split_data_of(config)[1]
+val_pairs = train.split_data_of(config).validation
 model, tokenizer = train.load_model_and_tokenizer(checkpoint["base_model"], config.dtype)
 items = data.tokenize_pairs(val_pairs, tokenizer, config.max_length, config.max_prompt_length, {})
 lora.add_lora(model, lora.lora_config_from_dict(checkpoint["lora"]))

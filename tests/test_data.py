@@ -1,5 +1,6 @@
 """data.py's record formats and files: HH dialogues, explicit prompt/chosen/rejected, and conversational
 messages, from .jsonl, .jsonl.gz, .json and .parquet, all down one path to the same token ids."""
+import contextlib
 import gzip
 import json
 
@@ -188,30 +189,66 @@ def test_an_empty_prompt_without_bos_is_dropped_not_scored_from_the_rows_last_co
                                counts) and counts == {"empty prompt": 1}
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.lists(st.integers(0, 9), min_size=12, max_size=40), st.integers(1, 5), st.integers(0, 3))
-def test_no_pair_trained_on_is_a_held_out_pair(tmp_path_factory, pair_ids, val_size, seed):
-    """Repeated records (a file that holds a pair twice) never land on both sides of the split."""
-    records = [in_three_formats([f"Question {i}?"], f"Answer {i}.", "No.")["hh"] for i in pair_ids]
-    path = write(tmp_path_factory.mktemp("d") / "d.jsonl", records)
-    assume(len(set(pair_ids)) > val_size)
+SOURCES = ["hh .jsonl", "explicit .json", "conversational .parquet", "Anthropic/hh-rlhf"]
+
+
+@contextlib.contextmanager
+def source_with(pair_ids: list[int], source: str, tmp_path):
+    """The same pairs (one per id: a file may repeat a pair) as one data source. The Hub's
+    Anthropic/hh-rlhf cannot be reached here: inside, its two splits come from files through
+    data.load_pairs, the train split the pairs, the test split a shifted copy (some prompts on
+    both sides)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:  # undone after each example, not each test
+        if source == data.HUB_DATASET:
+            files = {split: write(tmp_path / f"{split}.jsonl", [in_three_formats([f"Question {i + shift}?"],
+                                                                                 f"Answer {i}.", "No.")["hh"]
+                                                                for i in pair_ids])
+                     for split, shift in (("train", 0), ("test", 3))}
+            load = data.load_pairs
+            monkeypatch.setattr(data, "load_pairs", lambda name, subset, split, *args: load(files[split], subset, "train",
+                                                                                            *args))
+            yield data.HUB_DATASET
+        else:
+            record_format, suffix = source.split(" ")
+            yield write(tmp_path / f"d{suffix}", [in_three_formats([f"Question {i}?"], f"Answer {i}.", "No.")[record_format]
+                                                  for i in pair_ids])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.integers(0, 9), min_size=12, max_size=40), st.integers(1, 5), st.integers(0, 4), st.integers(0, 3),
+       st.sampled_from(SOURCES))
+def test_the_three_splits_share_no_prompt_for_every_source_and_seed(tmp_path_factory, pair_ids, val_size, test_size, seed,
+                                                                      source):
+    """Repeated records (a file that holds a pair twice) never land on two sides: no pair trains
+    on a validation or test prompt, nor validates on a test prompt; every pair is accounted for."""
+    assume(len(pair_ids) > val_size + test_size)
+    render = data.render_hh if source.startswith("conversational") else None
     counts = {}
-    train_pairs, validation = data.split_data(path, val_size=val_size, seed=seed, counts=counts)
-    assert not {p.prompt for p in train_pairs} & {p.prompt for p in validation} and len(validation) == val_size
-    assert len(train_pairs) + len(validation) + counts.get("a held-out pair's prompt", 0) == len(pair_ids)
+    with source_with(pair_ids, source, tmp_path_factory.mktemp("d")) as path:
+        splits = data.split_data(path, val_size=val_size, test_size=test_size, seed=seed, counts=counts, render=render)
+        assert data.split_data(path, val_size=val_size, test_size=test_size, seed=seed, render=render) == splits
+    train_prompts, val_prompts, test_prompts = ({p.prompt for p in split} for split in splits)
+    assert not train_prompts & val_prompts and not train_prompts & test_prompts and not val_prompts & test_prompts
+    assert len(splits.test) == test_size and len(splits.validation) + counts.get("a test pair's prompt", 0) == val_size
+    trained_on = len(pair_ids) if source == data.HUB_DATASET else len(pair_ids) - val_size - test_size
+    assert len(splits.train) + counts.get("a held-out pair's prompt", 0) == trained_on
 
 
 def test_a_training_pair_with_a_held_out_prompt_and_other_answers_is_dropped_too(tmp_path):
     rows = [in_three_formats([f"Question {i}?"], f"Answer {i}.", "No.")["hh"] for i in range(6)]
     rows += [in_three_formats([f"Question {i}?"], f"Answer {i}.", f"Other {i}.")["hh"] for i in range(6)]
     counts = {}
-    train_pairs, validation = data.split_data(write(tmp_path / "d.jsonl", rows), val_size=3, counts=counts)
-    assert not {p.chosen for p in train_pairs} & {p.chosen for p in validation}  # no held-out answer trained on
-    assert counts == {"a held-out pair's prompt": 3} and len(train_pairs) == 6
+    train_pairs, validation, test = data.split_data(write(tmp_path / "d.jsonl", rows), val_size=3, test_size=2,
+                                                    counts=counts)
+    held_out = {p.chosen for p in validation + test}
+    assert not {p.chosen for p in train_pairs} & held_out  # no held-out answer trained on
+    assert not {p.chosen for p in validation} & {p.chosen for p in test}
+    assert len(train_pairs) + counts["a held-out pair's prompt"] == 12 - 3 - 2  # each pair between trains or is dropped
+    assert len(validation) + counts.get("a test pair's prompt", 0) == 3
 
 
 @pytest.mark.parametrize("split", ["test", "test[:90%]", "train+test"])
 def test_the_hubs_test_split_is_never_trained_on_since_it_validates(split):
-    with pytest.raises(data.DataError, match="Anthropic/hh-rlhf validates on its test split: train on a --split "
-                                             "without it"):
+    with pytest.raises(data.DataError, match="Anthropic/hh-rlhf validates and tests on its test split: train on a "
+                                             "--split without it"):
         data.split_data(data.HUB_DATASET, split=split)

@@ -35,7 +35,7 @@ def data_file(tmp_path_factory):
 
 def trained_checkpoint(folder, data_file, model_dir, **settings) -> str:
     """A real checkpoint of train.py, its adapters then set to random values, so that they matter."""
-    train.train(train.TrainConfig(data=data_file, model=model_dir, dtype="float32", val_size=4, max_length=48,
+    train.train(train.TrainConfig(data=data_file, model=model_dir, dtype="float32", val_size=4, test_size=4, max_length=48,
                                   max_prompt_length=24, batch_size=2, max_steps=1, checkpoint_dir=str(folder),
                                   progress=False, **settings))
     path = folder / "best.pt"
@@ -96,7 +96,7 @@ def test_training_starts_from_a_peft_folder_ours_or_peft_made(tmp_path, data_fil
         peft_logits = peft_model.eval()(IDS).logits
     for folder, expected in (("ours", our_logits(checkpoint)), ("theirs", peft_logits)):
         run = tmp_path / f"from-{folder}"
-        train.train(train.TrainConfig(data=data_file, model=tiny_gpt2_dir, dtype="float32", val_size=4, max_length=48,
+        train.train(train.TrainConfig(data=data_file, model=tiny_gpt2_dir, dtype="float32", val_size=4, test_size=4, max_length=48,
                                       max_prompt_length=24, batch_size=2, max_steps=1, lr=1e-9, checkpoint_dir=str(run),
                                       progress=False, init_adapters=str(tmp_path / folder)))
         last = train.load_checkpoint(str(run / "last.pt"))
@@ -127,7 +127,7 @@ def test_init_adapters_refuses_a_contradicting_shape_or_another_model(tmp_path, 
     config = lora.LoRAConfig(r=2, targets=("q_proj",))
     lora.add_lora(model, config)
     lora.write_peft_folder(tmp_path / "llama", config, lora.adapter_state_dict(model), False, "tiny-llama")
-    argv = ["--data", data_file, "--model", tiny_gpt2_dir, "--val-size", "4", "--max-steps", "1", "--max-length", "48",
+    argv = ["--data", data_file, "--model", tiny_gpt2_dir, "--val-size", "4", "--test-size", "4", "--max-steps", "1", "--max-length", "48",
             "--max-prompt-length", "24", "--no-progress"]
     assert train.main([*argv, "--init-adapters", str(tmp_path / "llama"), "--lora-r", "4",
                        "--checkpoint-dir", str(tmp_path / "a")]) == 1

@@ -310,7 +310,7 @@ def test_a_full_disk_is_one_line_no_stray_file_and_the_last_checkpoint_resumes(t
     fits once but not while its next version is written beside it. (Not root: a folder that
     cannot be written, the same one-line path.)"""
     data = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(24))
-    flags = lambda folder: ["--data", data, "--model", tiny_gpt2_dir, "--dtype", "float32", "--val-size", "4",
+    flags = lambda folder: ["--data", data, "--model", tiny_gpt2_dir, "--dtype", "float32", "--val-size", "4", "--test-size", "4",
                             "--max-length", "48", "--max-prompt-length", "24", "--batch-size", "2", "--max-steps", "6",
                             "--eval-every", "2", "--checkpoint-every", "2", "--checkpoint-dir", str(folder),
                             "--no-progress"]

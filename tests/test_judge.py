@@ -19,6 +19,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import data
+import dpo
 import judge
 import lora
 import train
@@ -83,13 +84,13 @@ def gemma_judge():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_gpt2_dir):
     """A real checkpoint from one training step of train.py on synthetic dialogues, holding out
-    25 pairs: as many as a default run's sanity check judges."""
+    25 test pairs: as many as a default run's sanity check judges."""
     folder = tmp_path_factory.mktemp("run")
     rows = [{"chosen": f"{H} Tell me about topic {i}.{A} Gladly, here it is.",
-             "rejected": f"{H} Tell me about topic {i}.{A} No."} for i in range(33)]
+             "rejected": f"{H} Tell me about topic {i}.{A} No."} for i in range(37)]
     (folder / "d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    train.train(train.TrainConfig(data=str(folder / "d.jsonl"), model=tiny_gpt2_dir, dtype="float32", val_size=25,
-                                  max_length=48, max_prompt_length=24, batch_size=8, max_steps=1,
+    train.train(train.TrainConfig(data=str(folder / "d.jsonl"), model=tiny_gpt2_dir, dtype="float32", val_size=4,
+                                  test_size=25, max_length=48, max_prompt_length=24, batch_size=8, max_steps=1,
                                   checkpoint_dir=str(folder), progress=False))
     return str(folder / "last.pt")
 
@@ -140,15 +141,15 @@ def test_wins_losses_and_ties_add_up(preferences, tie_margin):
     (81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718)])
 def test_wilson_interval_matches_published_values(successes, n, low, high):
     """Newcombe 1998, "Two-sided confidence intervals for the single proportion", Table I, method 3."""
-    assert judge.wilson_interval(successes, n) == (pytest.approx(low, abs=5e-5), pytest.approx(high, abs=5e-5))
+    assert dpo.wilson_interval(successes, n) == (pytest.approx(low, abs=5e-5), pytest.approx(high, abs=5e-5))
 
 
 @given(st.integers(0, 500).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))))
 def test_wilson_interval_holds_the_rate_and_mirrors_losses(successes_and_n):
     successes, n = successes_and_n
-    low, high = judge.wilson_interval(successes, n)
+    low, high = dpo.wilson_interval(successes, n)
     assert 0.0 <= low <= (successes / n if n else 0.5) <= high <= 1.0
-    mirror_low, mirror_high = judge.wilson_interval(n - successes, n)
+    mirror_low, mirror_high = dpo.wilson_interval(n - successes, n)
     assert (low, high) == (pytest.approx(1 - mirror_high), pytest.approx(1 - mirror_low))
 
 
@@ -414,7 +415,7 @@ def log_of_another_run(checkpoint, judge_file, output):
 
 @pytest.mark.parametrize("problem, message", [
     ("a truncated checkpoint", "is not a checkpoint of this project"),
-    ("more sanity pairs than held out", "the run holds out 25 pairs, fewer than"),
+    ("more sanity pairs than held out", "the run holds out 25 test pairs, fewer than"),
     ("a log of another run", "was made with --seed 1, not 0")])
 def test_cheap_checks_fail_before_any_model_loads(checkpoint, tmp_path, monkeypatch, capsys, problem, message):
     broken_judge = tmp_path / "judge.gguf"  # loading it would fail: an error about it means it was loaded
@@ -808,7 +809,7 @@ def test_run_eval_refuses_a_model_or_data_the_checkpoint_was_not_trained_on(chec
     with pytest.raises(ValueError, match="dataset 'other.jsonl' is not what"):
         judge.run_eval(dataset="other.jsonl", load_path=checkpoint)
     data = train.load_checkpoint(checkpoint)["config"]["data"]
-    with pytest.raises(ValueError, match="holds out 25 pairs"):  # its own names pass, and the run goes on
+    with pytest.raises(ValueError, match="holds out 25 test pairs"):  # its own names pass, and the run goes on
         judge.run_eval(tiny_gpt2_dir, data, load_path=checkpoint, sanity=26)
 
 

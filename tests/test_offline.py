@@ -11,7 +11,7 @@ import data
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--num-examples", "4", "--val-size", "4", "--batch-size", "2", "--max-length", "64", "--max-prompt-length", "32",
+SMALL = ["--num-examples", "4", "--val-size", "4", "--test-size", "4", "--batch-size", "2", "--max-length", "64", "--max-prompt-length", "32",
          "--max-steps", "1", "--eval-every", "1", "--threads", "2", "--no-progress"]
 
 

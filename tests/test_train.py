@@ -35,7 +35,7 @@ def write_jsonl(path, rows, gz=False):
 
 
 def tiny_config(data, model_dir, run_dir, **overrides):
-    settings = dict(data=data, model=model_dir, dtype="float32", val_size=4, max_length=48, max_prompt_length=24,
+    settings = dict(data=data, model=model_dir, dtype="float32", val_size=4, test_size=4, max_length=48, max_prompt_length=24,
                     batch_size=2, lr=5e-3, warmup_steps=2, eval_every=2, checkpoint_every=2,
                     checkpoint_dir=str(run_dir), progress=False)
     return train.TrainConfig(**{**settings, **overrides})
@@ -109,13 +109,16 @@ def test_truncated_gzip_is_a_clear_error(tmp_path):
         data.load_pairs(str(path))
 
 
-def test_single_file_gives_a_seeded_disjoint_validation_split(tmp_path):
-    config = train.TrainConfig(data=write_jsonl(tmp_path / "d.jsonl", synthetic_rows(30)), val_size=8, num_examples=10)
-    train_pairs, val_pairs = train.split_data_of(config)
-    assert len(val_pairs) == 8 and len(train_pairs) == 10
-    assert not set(train_pairs) & set(val_pairs)
-    assert train.split_data_of(config) == (train_pairs, val_pairs)
-    assert train.held_out_pairs({"config": vars(config)}, "old.pt") == val_pairs  # no fingerprint: said, not refused
+def test_single_file_gives_seeded_disjoint_validation_and_test_splits(tmp_path):
+    config = train.TrainConfig(data=write_jsonl(tmp_path / "d.jsonl", synthetic_rows(30)), val_size=8, test_size=6,
+                               num_examples=10)
+    train_pairs, val_pairs, test_pairs = train.split_data_of(config)
+    assert (len(train_pairs), len(val_pairs), len(test_pairs)) == (10, 8, 6)
+    assert not set(train_pairs) & set(val_pairs) and not set(train_pairs) & set(test_pairs)
+    assert not set(val_pairs) & set(test_pairs)
+    assert train.split_data_of(config) == (train_pairs, val_pairs, test_pairs)
+    assert train.split_data_of(dataclasses.replace(config, seed=5)) == (train_pairs, val_pairs, test_pairs)  # split_seed's
+    assert train.held_out_pairs({"config": vars(config)}, "old.pt") == test_pairs  # no fingerprint: said, not refused
 
 
 # ----- tokenisation ----------------------------------------------------------------------
@@ -282,6 +285,62 @@ def test_training_learns_and_writes_loadable_checkpoints(tmp_path, tiny_gpt2_dir
     assert all(torch.equal(t, lora.adapter_state_dict(model)[k]) for k, t in best["adapters"].items())
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0] == {**rows[0], "step": 0, "split": "val", "loss": pytest.approx(math.log(2)), "reward_accuracy": 0.5}
+    test_row = rows[-1]  # the last row: best.pt on the test pairs, once, with Wilson's interval
+    assert test_row["split"] == "test" and test_row["step"] == best["step"] and test_row["n"] == 4
+    assert result["test_metrics"] == {k: v for k, v in test_row.items() if k not in ("step", "split", "checkpoint")}
+    low, high = test_row["reward_accuracy_interval"]
+    assert (low, high) == dpo.wilson_interval(round(4 * test_row["reward_accuracy"]), 4) and low <= test_row["reward_accuracy"] <= high
+    assert [r["split"] for r in rows].count("test") == 1
+
+
+def with_test_answers_swapped(path, config):
+    """The same file with every test pair's answers swapped: other test figures, and nothing else
+    a run can read before its end should differ."""
+    test_prompts = {pair.prompt for pair in train.split_data_of(config).test}
+    rows = [json.loads(line) for line in open(path)]
+    rows = [{"chosen": r["rejected"], "rejected": r["chosen"]} if data.split_prompt(r["chosen"], r["rejected"]).prompt
+            in test_prompts else r for r in rows]
+    return write_jsonl(Path(path).with_name("swapped.jsonl"), rows)
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(patience=st.integers(0, 2), split_seed=st.integers(0, 9))
+def test_validation_and_early_stopping_never_see_the_test_pairs(tmp_path_factory, tiny_gpt2_dir, patience, split_seed):
+    """Two runs whose test pairs state opposite preferences: every row before the end, every
+    early-stopping decision and best.pt's adapters are the same bit for bit; the test row differs."""
+    folder = tmp_path_factory.mktemp("unseen")
+    original = write_jsonl(folder / "d.jsonl", synthetic_rows(24))
+    runs = []
+    for name in ("original", "swapped"):
+        config = tiny_config(original, tiny_gpt2_dir, folder / name, epochs=2, eval_every=1,
+                             early_stop_patience=patience, split_seed=split_seed)
+        if name == "swapped":
+            config = dataclasses.replace(config, data=with_test_answers_swapped(original, config))
+        summary = train.train(config)
+        rows = train.read_log(folder / name / "metrics.jsonl")
+        runs.append((summary, rows, train.load_checkpoint(str(folder / name / "best.pt"))))
+    (first, first_rows, first_best), (second, second_rows, second_best) = runs
+    assert first_rows[:-1] == second_rows[:-1] and first["stopped_early"] == second["stopped_early"]
+    assert all(torch.equal(first_best["adapters"][k], second_best["adapters"][k]) for k in first_best["adapters"])
+    assert first_rows[-1]["split"] == second_rows[-1]["split"] == "test"
+    assert first_rows[-1]["reward_accuracy"] + second_rows[-1]["reward_accuracy"] == pytest.approx(1.0)  # mirrored
+
+
+def test_an_old_checkpoint_without_a_test_split_loads_and_says_so(tmp_path, tiny_gpt2_dir, capsys):
+    """Written before Dec 2026: no test_size nor split_seed (seed made the split), no test fingerprint."""
+    data_file = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(20))
+    train.train(tiny_config(data_file, tiny_gpt2_dir, tmp_path / "run", max_steps=1, test_size=0, seed=3, split_seed=3))
+    new = train.load_checkpoint(str(tmp_path / "run" / "best.pt"))
+    old = {**new, "config": {k: v for k, v in new["config"].items() if k not in ("test_size", "split_seed")}}
+    assert set(old["data_sha256"]) == {"train", "validation"}
+    capsys.readouterr()
+    held_out = train.held_out_pairs(old, "old.pt")
+    assert held_out == train.split_data_of(train.config_from_dict(new["config"])).validation and len(held_out) == 4
+    assert "old.pt has no test split (an older train.py wrote it): its validation pairs instead" in capsys.readouterr().err
+    summary = train.train(dataclasses.replace(train.config_from_dict(old["config"]), checkpoint_dir=str(tmp_path / "again"),
+                                              max_steps=1))
+    assert summary["test_metrics"] is None  # and its split is the old one: seed 3's
+    assert train.load_checkpoint(str(tmp_path / "again" / "best.pt"))["data_sha256"] == new["data_sha256"]
 
 
 # --max-steps 7 sets the cosine schedule's length (8 steps of data): a bare --resume must keep it.
@@ -327,7 +386,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path_factory, 
     bit-identical adapters as a run never stopped."""
     data_dir = tmp_path_factory.getbasetemp() / "resume-data"
     data_dir.mkdir(exist_ok=True)
-    data = write_jsonl(data_dir / "d.jsonl", synthetic_rows(20))  # 16 train pairs: 4 steps an epoch
+    data = write_jsonl(data_dir / "d.jsonl", synthetic_rows(24))  # 16 train pairs: 4 steps an epoch
     settings = {**RESUME_SETTINGS, **stage_settings(stage, tmp_path_factory, data, tiny_gpt2_dir)}
     if stage not in UNINTERRUPTED:
         run = tmp_path_factory.mktemp("uninterrupted")
@@ -382,7 +441,7 @@ def test_dpo_after_sft_starts_from_the_sft_model_as_policy_and_reference(tmp_pat
 
 @pytest.mark.parametrize("change, message", [
     ({"loss_type": "sigmoid"}, "is a sigmoid run, not an SFT run"),
-    ({"seed": 1}, "held out other validation pairs"),
+    ({"split_seed": 1}, "held out other validation or test pairs"),
     ({"model": "other-model"}, "drop --model"),
 ])
 def test_dpo_after_sft_refuses_what_would_not_be_the_sft_model(tmp_path, tiny_gpt2_dir, change, message):
@@ -410,9 +469,9 @@ def test_a_data_file_changed_since_the_run_is_refused_in_one_line(tmp_path, tiny
                         loss_type="sft" if use == "--sft-checkpoint" else "sigmoid")
     train.train(first)
     saved = train.load_checkpoint(str(tmp_path / "first" / "last.pt"))
-    assert set(saved["data_sha256"]) == {"train", "validation"}
+    assert set(saved["data_sha256"]) == {"train", "validation", "test"}
     swap_answers(data_file)
-    message = r"was made with other (train and validation|validation) pairs than its settings give now"
+    message = r"was made with other (train and validation and test|test) pairs than its settings give now"
     with pytest.raises(ValueError, match=message):
         if use == "--resume":  # (it would have run on against a reference cache of the old answers)
             train.train(dataclasses.replace(first, resume=str(tmp_path / "first" / "last.pt"), max_steps=2))
@@ -460,10 +519,11 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys, tiny_gpt2_d
     assert train.main(["--data", bad, "--model", tiny_gpt2_dir]) == 1
     assert "bad.jsonl:4: malformed line" in capsys.readouterr().err
     good = write_jsonl(tmp_path / "good.jsonl", synthetic_rows(8))
-    assert train.main(["--data", good, "--model", str(tmp_path / "no-model.gguf"), "--val-size", "2"]) == 2
+    assert train.main(["--data", good, "--model", str(tmp_path / "no-model.gguf"), "--val-size", "2",
+                       "--test-size", "2"]) == 2
     assert "model not found" in capsys.readouterr().err
     under_a_file = tmp_path / "good.jsonl" / "run"  # a --checkpoint-dir that cannot be made
-    assert train.main(["--data", good, "--model", tiny_gpt2_dir, "--val-size", "2", "--checkpoint-dir",
+    assert train.main(["--data", good, "--model", tiny_gpt2_dir, "--val-size", "2", "--test-size", "2", "--checkpoint-dir",
                        str(under_a_file)]) == 1
     assert capsys.readouterr().err.strip() == f"train.py: error: cannot write {under_a_file}: Not a directory"
     for argv in (["--beta", "-1"], ["--lr", "0"], ["--no-such-flag"]):
@@ -653,7 +713,7 @@ def test_run_train_is_the_seeds_call_over_train(tmp_path, tiny_gpt2_dir):
     data = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(16))
     summary = train.run_train(model_name=tiny_gpt2_dir, dataset=data, num_examples=8, batch_size=2, num_epochs=2,
                               lr=5e-3, beta=0.2, warmup_steps=1, early_stop_patience=3,
-                              checkpoint_dir=str(tmp_path / "run"), val_size=4, max_length=48, max_prompt_length=24,
+                              checkpoint_dir=str(tmp_path / "run"), val_size=4, test_size=4, max_length=48, max_prompt_length=24,
                               dtype="float32", progress=False)
     assert summary["step"] == 8  # 8 pairs / 2 a batch x 2 epochs
     saved = train.load_checkpoint(str(tmp_path / "run" / "last.pt"))["config"]

@@ -1,0 +1,127 @@
+"""The defaults study: full runs of `python train.py`, one flag changed at a time, chosen on
+validation, reported on test.
+
+    python bench/study.py                 # every run below not done yet, one after another, then the table
+    python bench/study.py --table         # only the table of the runs done so far
+    python bench/study.py --only all-pairs lr-2e-4
+    python bench/study.py --score checkpoints/best.pt   # a checkpoint (an older one too) on today's validation and test pairs
+
+Each run is `python train.py --beta 0.1 <flags> --checkpoint-dir runs/study/<name>` in a
+process of its own, its wall time measured around it; results go to runs/study/results.jsonl
+as each run ends, so a study stopped half way goes on where it stopped. The table shows, per
+run: its validation loss and accuracy at best.pt (what a choice may look at) and best.pt's
+test figures (what nothing may be chosen on; shown so the note can report them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import dataclasses  # noqa: E402
+
+import data  # noqa: E402
+import dpo  # noqa: E402
+import train  # noqa: E402
+
+STUDY = REPO / "runs" / "study"
+RUNS = {  # name -> the flags that differ from the defaults; the first is the defaults themselves
+    "defaults": [],
+    "all-pairs": ["--num-examples", "0"],
+    "two-epochs": ["--epochs", "2"],
+    "beta-0.3": ["--beta", "0.3"],
+    "beta-0.05": ["--beta", "0.05"],
+    "lr-1e-4": ["--lr", "1e-4"],
+    "lr-1e-3": ["--lr", "1e-3"],
+    "rank-16": ["--lora-r", "16", "--lora-alpha", "32"],
+    "rank-4": ["--lora-r", "4", "--lora-alpha", "8"],
+}
+
+
+def run(name: str, flags: list[str]) -> dict:
+    """One full run in its own process; its summary read back from the files it left."""
+    folder = STUDY / name
+    command = [sys.executable, "train.py", "--beta", "0.1", *flags, "--checkpoint-dir", str(folder), "--no-progress"]
+    if (folder / "last.pt").exists():  # stopped half way: continue it
+        command = [sys.executable, "train.py", "--resume", str(folder / "last.pt"), "--no-progress"]
+    started = time.time()
+    with open(STUDY / f"{name}.log", "a") as log:
+        returncode = subprocess.call(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    if returncode != 0:
+        raise SystemExit(f"{name}: train.py exited {returncode}; see {STUDY / f'{name}.log'}")
+    return {"name": name, "flags": flags, "seconds": time.time() - started, **summary(folder)}
+
+
+def summary(folder: Path) -> dict:
+    rows = train.read_log(folder / "metrics.jsonl")
+    val = [row for row in rows if row["split"] == "val"]
+    test = [row for row in rows if row["split"] == "test"][-1]
+    best = min(val, key=lambda row: row["loss"])
+    return {"steps": max(row["step"] for row in rows), "validations": [(r["step"], r["loss"], r["reward_accuracy"]) for r in val],
+            "best_step": best["step"], "val_loss": best["loss"], "val_accuracy": best["reward_accuracy"],
+            "test_loss": test["loss"], "test_accuracy": test["reward_accuracy"],
+            "test_interval": test["reward_accuracy_interval"], "test_n": test["n"]}
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| run | flags | wall | steps | best.pt step | val loss / acc at best.pt | val loss / acc by step | "
+             "test acc [95%] / loss (best.pt) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        by_step = "; ".join(f"{step}: {loss:.3f} / {accuracy:.3f}" for step, loss, accuracy in r["validations"])
+        low, high = r["test_interval"]
+        lines.append(f"| {r['name']} | `{' '.join(r['flags']) or '(defaults)'}` | {r['seconds'] / 60:.1f} min | {r['steps']} "
+                     f"| {r['best_step']} | {r['val_loss']:.3f} / {r['val_accuracy']:.3f} | {by_step} "
+                     f"| {r['test_accuracy']:.3f} [{low:.3f}, {high:.3f}] / {r['test_loss']:.3f} |")
+    return "\n".join(lines)
+
+
+def score(path: str, test_size: int = 200) -> None:
+    """A checkpoint's adapters on its run's validation and test pairs, as train.py splits them
+    today: for a checkpoint written before the test split (test_size 0), the test pairs it would
+    have had, which its run never trained on nor chose on (the shuffle's last pairs)."""
+    checkpoint = train.load_checkpoint(path)
+    config = train.config_from_dict(checkpoint["config"])
+    config = dataclasses.replace(config, test_size=config.test_size or test_size)
+    splits = train.split_data_of(config)
+    model, tokenizer = train.load_policy(checkpoint, train.with_measured_dtype(config, torch.device("cpu"), 1, print).dtype)
+    collate = train.collate_function(config, model, tokenizer.pad_token_id)
+    for name in ("validation", "test"):
+        items = data.tokenize_pairs(getattr(splits, name), tokenizer, config.max_length, config.max_prompt_length, {})
+        metrics = train.validation_metrics(model, items, train.ReferenceCache(len(items)), config, collate)
+        low, high = dpo.wilson_interval(round(metrics["reward_accuracy"] * metrics["n"]), metrics["n"])
+        print(f"{path} (step {checkpoint['step']}) on {metrics['n']} {name} pairs: loss {metrics['loss']:.4f}, "
+              f"reward accuracy {metrics['reward_accuracy']:.3f} [{low:.3f}, {high:.3f}]")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", default=None, help="run only these (names: " + ", ".join(RUNS) + ")")
+    parser.add_argument("--table", action="store_true", help="print the table of the runs done, run nothing")
+    parser.add_argument("--score", nargs="*", default=[], help="score these checkpoints on validation and test, run nothing")
+    args = parser.parse_args()
+    if args.score:
+        for path in args.score:
+            score(path)
+        return
+    STUDY.mkdir(parents=True, exist_ok=True)
+    results_file = STUDY / "results.jsonl"
+    done = {r["name"]: r for r in map(json.loads, results_file.read_text().splitlines())} if results_file.exists() else {}
+    for name in ([] if args.table else args.only or list(RUNS)):
+        if name not in done:
+            print(f"{name}: python train.py --beta 0.1 {' '.join(RUNS[name])}", file=sys.stderr, flush=True)
+            done[name] = run(name, RUNS[name])
+            with open(results_file, "a") as f:
+                f.write(json.dumps(done[name]) + "\n")
+    print(table([done[name] for name in RUNS if name in done]))
+
+
+if __name__ == "__main__":
+    main()
