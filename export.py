@@ -28,15 +28,17 @@ from pathlib import Path
 import torch
 from transformers.pytorch_utils import Conv1D
 
+import checkpoints
+import cli
 import lora
-import train
+import models
 
 # ---------------------------------------------------------------------------------------
 # A checkpoint out, as either folder
 # ---------------------------------------------------------------------------------------
 
 def export_peft(checkpoint: dict, model, folder: str | Path) -> None:
-    """model: the checkpoint's policy (train.add_trained_adapters), for the layers' types."""
+    """model: the checkpoint's policy (checkpoints.add_trained_adapters), for the layers' types."""
     if "sft" in checkpoint:
         raise ValueError("its adapters apply to the SFT model (the SFT run's adapters merged into the base), not to "
                          "the base model, so no single peft adapter on the base holds them: export --merged")
@@ -66,19 +68,19 @@ def export(checkpoint_path: str, peft: str = "", merged: str = "", verbose: bool
     for folder in (peft, merged):
         if folder and os.path.exists(folder) and os.listdir(folder):
             raise ValueError(f"{folder} exists and is not empty: pass a new folder")
-    checkpoint = train.load_checkpoint(checkpoint_path)
-    model, tokenizer = train.load_model_and_tokenizer(checkpoint["base_model"], torch.float32, verbose)
-    train.add_trained_adapters(model, checkpoint)  # checks that the adapters fit the model
+    checkpoint = checkpoints.load_checkpoint(checkpoint_path)
+    model, tokenizer = models.load_model_and_tokenizer(checkpoint["base_model"], torch.float32, verbose)
+    checkpoints.add_trained_adapters(model, checkpoint)  # checks that the adapters fit the model
     if peft:
         export_peft(checkpoint, model, peft)
-        train.say(f"wrote the peft adapter folder {peft} (base model {checkpoint['base_model']})")
+        cli.say(f"wrote the peft adapter folder {peft} (base model {checkpoint['base_model']})")
     if merged:
         export_merged(model, tokenizer, merged)
-        train.say(f"wrote the merged model folder {merged}")
+        cli.say(f"wrote the merged model folder {merged}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = train.OneLineErrorParser(prog="export.py", description="Write a train.py checkpoint as a peft adapter "
+    parser = cli.OneLineErrorParser(prog="export.py", description="Write a train.py checkpoint as a peft adapter "
                                       "folder and/or a merged model folder (safetensors).")
     parser.add_argument("checkpoint", help="checkpoint .pt written by train.py")
     parser.add_argument("--peft", default="", help="write the adapters here as peft's adapter folder")

@@ -46,15 +46,17 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
+import checkpoints
+import cli
 import data
 import lora
+import models
+import settings
 from dpo import wilson_interval  # how sure a measured share is: a win rate here, reward accuracy in train.py
-import train  # the checkpoint format and the held-out split are the trainer's
 from llama_judge import Judge, JudgeDied, JudgeProcess, LlamaJudge  # Judge: LlamaJudge, or any function (tests)
 
 JUDGE_REPO = "TheBloke/Llama-2-7b-Chat-GGUF"  # the seed's judge, on the Hugging Face Hub...
 JUDGE_FILE = "llama-2-7b-chat.Q4_K_M.gguf"     # ...as a 4-bit GGUF file (4.1 GB)
-
 
 
 @dataclass
@@ -159,14 +161,14 @@ def judge_model_file(judge_model: str) -> str:
     the Hub; else, when the Hub cannot be reached, the bundled Gemma 3 270M, saying in one line
     what its verdicts are worth."""
     if not judge_model:
-        reason = train.hub_unreachable_reason()
+        reason = models.hub_unreachable_reason()
         if reason is None:
             judge_model = download_judge()
         else:
-            train.say(f"the Hugging Face Hub cannot be reached ({reason}): the judge is the bundled Gemma 3 270M, a "
+            cli.say(f"the Hugging Face Hub cannot be reached ({reason}): the judge is the bundled Gemma 3 270M, a "
                       f"base-model stand-in at chance, so its verdicts are no evidence; pass --judge-model FILE "
                       f"(e.g. {JUDGE_FILE}) for a real judge")
-            judge_model = train.bundled_model()
+            judge_model = models.bundled_model()
     if not os.path.isfile(judge_model):
         raise ValueError(f"judge model not found: {judge_model}")
     if not os.access(judge_model, os.R_OK):
@@ -217,7 +219,7 @@ class JudgementLog:
     def __init__(self, path: str, header: dict, resume: bool):
         self.path, self.header = path, {"kind": "header", **header}
         self.records: dict[tuple[str, str, int], dict] = {}  # (kind, model or comparison, prompt_id) -> record
-        previous = train.read_log(path, "judge.py; use another --output") if resume and os.path.exists(path) else []
+        previous = checkpoints.read_log(path, "judge.py; use another --output") if resume and os.path.exists(path) else []
         if previous:
             check_header(path, previous[0], self.header)
         for line_no, record in enumerate(previous[1:], 2):
@@ -240,7 +242,7 @@ class JudgementLog:
 
     def append(self, record: dict) -> None:
         if self.file is None:
-            with train.writing(self.path):
+            with checkpoints.writing(self.path):
                 self.file = open(self.path, "a" if self.continues else "w", encoding="utf-8")
             if not self.continues:
                 self.write(self.header)
@@ -248,7 +250,7 @@ class JudgementLog:
         self.index(record)
 
     def write(self, record: dict) -> None:
-        with train.writing(self.path):
+        with checkpoints.writing(self.path):
             self.file.write(json.dumps(record) + "\n")  # one write per line: a kill can cut only the last one
             self.file.flush()
 
@@ -316,11 +318,11 @@ def answer_with_every_model(model, tokenizer, checkpoint: dict, prompts: list[st
     """Log the answers the log lacks of each of model_names(checkpoint), all from one network.
 
     model: the checkpoint's base model, bare; it answers first, then gets the checkpoint's
-    adapters (train.add_trained_adapters: an SFT stage folded into the weights, DPO's adapters
+    adapters (checkpoints.add_trained_adapters: an SFT stage folded into the weights, DPO's adapters
     on top) and so turns into the SFT model (adapters off) and the policy (adapters merged).
     """
     add_missing_answers("base", model, tokenizer, prompts, config, judgements)
-    train.add_trained_adapters(model, checkpoint)
+    checkpoints.add_trained_adapters(model, checkpoint)
     if "sft" in checkpoint:
         with lora.adapters_disabled(model):  # DPO's reference: the SFT model
             add_missing_answers("sft", model, tokenizer, prompts, config, judgements)
@@ -461,7 +463,7 @@ def logged_answers(checkpoint: dict, prompts: list[str], config: JudgeConfig, ju
     """{model name: its answers} from the log; the model is loaded only if the log lacks some."""
     names = model_names(checkpoint)
     if any(judgements.find("answer", name, i, prompt) is None for name in names for i, prompt in enumerate(prompts)):
-        model, tokenizer = train.load_model_and_tokenizer(checkpoint["base_model"], verbose=config.verbose)
+        model, tokenizer = models.load_model_and_tokenizer(checkpoint["base_model"], verbose=config.verbose)
         answer_with_every_model(model, tokenizer, checkpoint, prompts, config, judgements)
     return {name: [judgements.find("answer", name, i, prompt)["answer"] for i, prompt in enumerate(prompts)]
             for name in names}
@@ -477,8 +479,8 @@ def evaluate(config: JudgeConfig, judge: Judge | None = None) -> dict[str, Compa
     judge that config.judge_model names (tests); None = that judge through llama.cpp.
     """
     with contextlib.ExitStack() as stack:
-        checkpoint = train.load_checkpoint(config.checkpoint)
-        pairs = train.held_out_pairs(checkpoint, config.checkpoint)
+        checkpoint = checkpoints.load_checkpoint(config.checkpoint)
+        pairs = checkpoints.held_out_pairs(checkpoint, config.checkpoint)
         if len(pairs) < max(config.num_test_questions, config.sanity):
             raise ValueError(f"the run holds out {len(pairs)} test pairs, fewer than --num-test-questions "
                              f"{config.num_test_questions} or --sanity {config.sanity}: ask for at most {len(pairs)}")
@@ -488,10 +490,10 @@ def evaluate(config: JudgeConfig, judge: Judge | None = None) -> dict[str, Compa
         if judge is None:
             judge = stack.enter_context(contextlib.closing(JudgeProcess(functools.partial(
                 LlamaJudge, judge_file, config.judge_context, config.judge_max_chars, config.judge_threads,
-                verbose=config.verbose), judge_file, train.say)))
+                verbose=config.verbose), judge_file, cli.say)))
         questions = pairs[:config.num_test_questions]
         answers = logged_answers(checkpoint, [pair.prompt for pair in questions], config, judgements)
-        turn_end = data.assistant_turn_end(data.chat_renderer(train.cached_tokenizer(checkpoint["base_model"])))
+        turn_end = data.assistant_turn_end(data.chat_renderer(models.cached_tokenizer(checkpoint["base_model"])))
         answers["dataset"] = [data.without_turn_end(pair.chosen, turn_end) for pair in questions]  # no template markup
         policy = policy_name(checkpoint)
         compared = [(policy, "base"), *([("dpo", "sft")] if "sft" in checkpoint else []), (policy, "dataset")]
@@ -504,7 +506,7 @@ def evaluate(config: JudgeConfig, judge: Judge | None = None) -> dict[str, Compa
                 for name in items if items[name]}
 
 
-def run_eval(model_name: str = train.HUB_MODEL, dataset: str = data.HUB_DATASET, num_test_questions: int = 5,
+def run_eval(model_name: str = settings.HUB_MODEL, dataset: str = data.HUB_DATASET, num_test_questions: int = 5,
              load_path: str = "checkpoints/best.pt", **options) -> dict[str, ComparisonResult]:
     """The seed's entry point: judge the DPO checkpoint at load_path on num_test_questions
     test prompts; evaluate(JudgeConfig(load_path, num_test_questions, **options)).
@@ -517,9 +519,9 @@ def run_eval(model_name: str = train.HUB_MODEL, dataset: str = data.HUB_DATASET,
     test rows. The results are returned, not printed: print(report(results)) prints what judge.py
     does. options: any other JudgeConfig field, e.g. judge_model, sanity or output.
     """
-    checkpoint = train.load_checkpoint(load_path)
-    trained_on = {"model_name": (model_name, train.HUB_MODEL, checkpoint["base_model"]),
-                  "dataset": (dataset, data.HUB_DATASET, train.config_from_dict(checkpoint["config"]).data)}
+    checkpoint = checkpoints.load_checkpoint(load_path)
+    trained_on = {"model_name": (model_name, settings.HUB_MODEL, checkpoint["base_model"]),
+                  "dataset": (dataset, data.HUB_DATASET, settings.config_from_dict(checkpoint["config"]).data)}
     for name, (given, default, own) in trained_on.items():
         if given not in (default, own):
             raise ValueError(f"{name} {given!r} is not what {load_path} was trained with ({own!r}); the checkpoint "
@@ -532,7 +534,7 @@ def run_eval(model_name: str = train.HUB_MODEL, dataset: str = data.HUB_DATASET,
 # ---------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    return train.config_parser(JudgeConfig, "judge.py",
+    return cli.config_parser(JudgeConfig, "judge.py",
                                "Judge a DPO checkpoint against its base model and the data with a local LLM.")
 
 

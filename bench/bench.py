@@ -42,8 +42,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: train.py, lora.py, dpo.py live there
 
+import cli  # noqa: E402
 import data   # noqa: E402
 import lora   # noqa: E402
+import models  # noqa: E402
+import settings  # noqa: E402
 import train  # noqa: E402
 
 DEFAULT_DATA = data.BUNDLED_DATA  # the 2,000 HH-RLHF pairs shipped in data/
@@ -122,9 +125,9 @@ def tiny_gpt2_folder(path: Path) -> str:
     return str(path)
 
 
-def train_config_of(config: BenchConfig) -> train.TrainConfig:
+def train_config_of(config: BenchConfig) -> settings.TrainConfig:
     """The trainer's own config for the settings both sides share."""
-    return train.TrainConfig(model=config.model, dtype=config.dtype, max_length=config.max_length,
+    return settings.TrainConfig(model=config.model, dtype=config.dtype, max_length=config.max_length,
                              max_prompt_length=config.max_prompt_length, lora_r=config.lora_r,
                              lora_alpha=config.lora_alpha, lora_dropout=0.0, beta=config.beta,
                              loss_type="sigmoid", lr=config.lr, batch_size=config.batch_size)
@@ -193,14 +196,14 @@ def peak_device_mib(device: str) -> float | None:
 # ---------------------------------------------------------------------------------------
 
 def run_ours(config: BenchConfig) -> dict:
-    model, tokenizer = train.load_model_and_tokenizer(config.model, config.dtype)
+    model, tokenizer = models.load_model_and_tokenizer(config.model, config.dtype)
     items = tokenize_all(first_pairs(config, config.pair_count, tokenizer), tokenizer, config)
     load_rss = peak_rss_mib()
     train_config = train_config_of(config)
     parameters_total = lora.count_parameters(model)[1]
-    lora.add_lora(model, train.lora_config_of(train_config, model))
+    lora.add_lora(model, models.lora_config_of(train_config, model))
     model.to(config.device)
-    collate = train.collate_function(train_config, model, tokenizer.pad_token_id, announce=lambda line: print(line, file=sys.stderr))
+    collate = models.collate_function(train_config, model, tokenizer.pad_token_id, announce=lambda line: print(line, file=sys.stderr))
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
     model.train()
@@ -230,10 +233,10 @@ def run_ours(config: BenchConfig) -> dict:
 def run_prefix(config: BenchConfig) -> dict:
     """Our step with and without prefix sharing, alternating over the same batches in one
     process (one model load; a machine that drifts hurts both): seconds per pass for each."""
-    model, tokenizer = train.load_model_and_tokenizer(config.model, config.dtype)
+    model, tokenizer = models.load_model_and_tokenizer(config.model, config.dtype)
     items = tokenize_all(first_pairs(config, config.pair_count, tokenizer), tokenizer, config)
     train_config = train_config_of(config)
-    lora.add_lora(model, train.lora_config_of(train_config, model))
+    lora.add_lora(model, models.lora_config_of(train_config, model))
     model.to(config.device)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(parameters, lr=0.0)  # the same weights for every pass
@@ -417,12 +420,12 @@ def run_trl(config: BenchConfig) -> dict:
             synchronize(config.device)
             self.seconds.append(time.perf_counter() - self.started)
 
-    model, tokenizer = train.load_model_and_tokenizer(config.model, config.dtype)
+    model, tokenizer = models.load_model_and_tokenizer(config.model, config.dtype)
     pairs = first_pairs(config, config.pair_count, tokenizer)
     items = tokenize_all(pairs, tokenizer, config)
     load_rss = peak_rss_mib()
     parameters_total = lora.count_parameters(model)[1]
-    targets = train.lora_config_of(train_config_of(config), model).targets
+    targets = models.lora_config_of(train_config_of(config), model).targets
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = make_trl_trainer(model, tokenizer, pairs, config, targets, config.steps + 1, output_dir, (timer,))
@@ -472,12 +475,12 @@ def copy_adapters_to_peft(model, peft_model) -> None:
 def first_step_losses(model_path: str, pairs: list[data.Pair], config: BenchConfig) -> FirstStepLosses:
     """Both sides' DPO loss on the first batch, with the same random A and nonzero B."""
     config = dataclasses.replace(config, model=model_path)
-    model, tokenizer = train.load_model_and_tokenizer(model_path, config.dtype)
+    model, tokenizer = models.load_model_and_tokenizer(model_path, config.dtype)
     trl_model = copy.deepcopy(model)  # the same base weights, before our adapters go in
     pairs = pairs[:config.batch_size]
     items = tokenize_all(pairs, tokenizer, config)
     train_config = train_config_of(config)
-    lora_config = train.lora_config_of(train_config, model)
+    lora_config = models.lora_config_of(train_config, model)
     torch.manual_seed(config.seed)
     lora.add_lora(model, lora_config)
     with torch.no_grad():
@@ -662,7 +665,7 @@ def report(config: BenchConfig, model_name: str, results: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
     # One option per BenchConfig field, built as train.py and judge.py build theirs.
-    parser = train.config_parser(BenchConfig, "bench.py", "Our DPO step against TRL's DPOTrainer.")
+    parser = cli.config_parser(BenchConfig, "bench.py", "Our DPO step against TRL's DPOTrainer.")
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)  # a child's job
     parser.add_argument("--child-config", help=argparse.SUPPRESS)
     args = vars(parser.parse_args(argv))

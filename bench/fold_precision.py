@@ -9,14 +9,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
+import checkpoints  # noqa: E402
 import data  # noqa: E402
 import lora  # noqa: E402
+import models  # noqa: E402
+import settings  # noqa: E402
 import train  # noqa: E402
 
-checkpoint = train.load_checkpoint(sys.argv[1])
-config = train.config_from_dict(checkpoint["config"])
-val_pairs = train.split_data_of(config).validation
-model, tokenizer = train.load_model_and_tokenizer(checkpoint["base_model"], config.dtype)
+checkpoint = checkpoints.load_checkpoint(sys.argv[1])
+config = settings.config_from_dict(checkpoint["config"])
+val_pairs = checkpoints.split_data_of(config).validation
+model, tokenizer = models.load_model_and_tokenizer(checkpoint["base_model"], config.dtype)
 items = data.tokenize_pairs(val_pairs, tokenizer, config.max_length, config.max_prompt_length, {})
 lora.add_lora(model, lora.lora_config_from_dict(checkpoint["lora"]))
 lora.load_adapter_state_dict(model, checkpoint["adapters"])
@@ -24,6 +27,6 @@ for name in ("unmerged", "folded"):
     if name == "folded":
         lora.fold_adapters(model)
     start = time.time()
-    collate = train.collate_function(config, model, tokenizer.pad_token_id)
+    collate = models.collate_function(config, model, tokenizer.pad_token_id)
     metrics = train.validation_metrics(model, items, train.ReferenceCache(len(items)), config, collate)
     print(f"{name}: {metrics} ({time.time() - start:.0f} s)")

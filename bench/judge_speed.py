@@ -1,5 +1,5 @@
 """Seconds per judged pair of the llama.cpp judge (both orders, as judge.py asks), and what the
-llama.cpp build was compiled with: the number behind README's "llama.cpp, built for your CPU".
+llama.cpp build was compiled with: the number behind docs/judge.md's "llama.cpp, built for your CPU".
 
     python bench/judge_speed.py                          # the bundled Gemma 3 270M, 20 bundled pairs
     python bench/judge_speed.py --judge-model j.gguf --pairs 50
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import data  # noqa: E402
 import judge  # noqa: E402
 import llama_judge  # noqa: E402
-import train  # noqa: E402
+import models  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"llama-cpp-python {llama_cpp.__version__} from {Path(llama_cpp.__file__).parent}")
     print(llama_judge.llama_cpp_system_info().strip())
     pairs = data.load_pairs(data.BUNDLED_DATA)[:args.pairs]
-    model_file = args.judge_model or train.bundled_model()
+    model_file = args.judge_model or models.bundled_model()
     start = time.time()
     llm = llama_judge.LlamaJudge(model_file, n_threads=args.threads)
     loaded = time.time()

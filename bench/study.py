@@ -28,8 +28,11 @@ sys.path.insert(0, str(REPO))
 
 import dataclasses  # noqa: E402
 
+import checkpoints  # noqa: E402
 import data  # noqa: E402
 import dpo  # noqa: E402
+import models  # noqa: E402
+import settings  # noqa: E402
 import train  # noqa: E402
 
 STUDY = REPO / "runs" / "study"
@@ -61,7 +64,7 @@ def run(name: str, flags: list[str]) -> dict:
 
 
 def summary(folder: Path) -> dict:
-    rows = train.read_log(folder / "metrics.jsonl")
+    rows = checkpoints.read_log(folder / "metrics.jsonl")
     val = [row for row in rows if row["split"] == "val"]
     test = [row for row in rows if row["split"] == "test"][-1]
     best = min(val, key=lambda row: row["loss"])
@@ -87,12 +90,12 @@ def score(path: str, test_size: int = 200) -> None:
     """A checkpoint's adapters on its run's validation and test pairs, as train.py splits them
     today: for a checkpoint written before the test split (test_size 0), the test pairs it would
     have had, which its run never trained on nor chose on (the shuffle's last pairs)."""
-    checkpoint = train.load_checkpoint(path)
-    config = train.config_from_dict(checkpoint["config"])
+    checkpoint = checkpoints.load_checkpoint(path)
+    config = settings.config_from_dict(checkpoint["config"])
     config = dataclasses.replace(config, test_size=config.test_size or test_size)
-    splits = train.split_data_of(config)
-    model, tokenizer = train.load_policy(checkpoint, train.with_measured_dtype(config, torch.device("cpu"), 1, print).dtype)
-    collate = train.collate_function(config, model, tokenizer.pad_token_id)
+    splits = checkpoints.split_data_of(config)
+    model, tokenizer = checkpoints.load_policy(checkpoint, models.with_measured_dtype(config, torch.device("cpu"), 1, print).dtype)
+    collate = models.collate_function(config, model, tokenizer.pad_token_id)
     for name in ("validation", "test"):
         items = data.tokenize_pairs(getattr(splits, name), tokenizer, config.max_length, config.max_prompt_length, {})
         metrics = train.validation_metrics(model, items, train.ReferenceCache(len(items)), config, collate)

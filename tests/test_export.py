@@ -5,8 +5,10 @@ import json
 import pytest
 import torch
 
+import checkpoints
 import export
 import lora
+import models
 import train
 from conftest import gpt2_tokenizer, tiny_gpt2, tiny_llama
 
@@ -50,7 +52,7 @@ IDS = torch.tensor([[50256, 15496, 11, 703, 389, 345, 30, 314, 716, 3734]])  # "
 
 
 def our_logits(checkpoint_path):
-    model, _ = train.load_policy(train.load_checkpoint(checkpoint_path))
+    model, _ = checkpoints.load_policy(checkpoints.load_checkpoint(checkpoint_path))
     with torch.no_grad():
         return model(IDS).logits
 
@@ -61,7 +63,7 @@ def test_peft_reads_our_adapter_folder_to_the_same_logits(tmp_path, data_file, m
     assert export.main([checkpoint, "--peft", str(tmp_path / "peft")]) == 0
     settings = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert settings["fan_in_fan_out"] == (model_dir.find("llama") < 0) and settings["r"] == 8
-    base, _ = train.load_model_and_tokenizer(model_dir)
+    base, _ = models.load_model_and_tokenizer(model_dir)
     peft_model = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
     with torch.no_grad():
         theirs = peft_model(IDS).logits
@@ -99,8 +101,8 @@ def test_training_starts_from_a_peft_folder_ours_or_peft_made(tmp_path, data_fil
         train.train(train.TrainConfig(data=data_file, model=tiny_gpt2_dir, dtype="float32", val_size=4, test_size=4, max_length=48,
                                       max_prompt_length=24, batch_size=2, max_steps=1, lr=1e-9, checkpoint_dir=str(run),
                                       progress=False, init_adapters=str(tmp_path / folder)))
-        last = train.load_checkpoint(str(run / "last.pt"))
-        model, _ = train.load_policy(last)
+        last = checkpoints.load_checkpoint(str(run / "last.pt"))
+        model, _ = checkpoints.load_policy(last)
         with torch.no_grad():
             torch.testing.assert_close(model(IDS).logits, expected, rtol=0, atol=1e-4)  # lr 1e-9: one step moves nothing
     assert (last["lora"]["r"], last["lora"]["alpha"], last["lora"]["targets"]) == (4, 12.0, ["c_attn", "c_fc"])

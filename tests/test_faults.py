@@ -14,7 +14,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import checkpoints
 import data
+import models
+import ranks
 import train
 from test_train import synthetic_rows, tiny_config, write_jsonl
 
@@ -88,7 +91,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
     config = tiny_config(data, tiny_gpt2_dir, tmp_path / "run", lr=1e30, warmup_steps=0, checkpoint_every=1, max_grad_norm=1e38)
     with pytest.raises(train.TrainingError, match="non-finite .* last good checkpoint"):
         train.train(config)
-    last = train.load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    last = checkpoints.load_checkpoint(str(tmp_path / "run" / "last.pt"))
     assert all(torch.isfinite(t).all() for t in last["adapters"].values())
 
 
@@ -100,17 +103,17 @@ def test_checkpoints_that_do_not_fit_are_refused(tmp_path, tiny_gpt2_dir):
         train.train(tiny_config(data, "other-model", tmp_path / "run", resume=last))
     with pytest.raises(ValueError, match="trained with --lora-r 8, not 4"):
         train.train(tiny_config(data, tiny_gpt2_dir, tmp_path / "run", resume=last, lora_r=4))
-    other_shape = train.load_checkpoint(last)
+    other_shape = checkpoints.load_checkpoint(last)
     other_shape["lora"]["r"] = 4
     with pytest.raises(ValueError, match="adapter .* has shape"):
-        train.load_policy(other_shape)
+        checkpoints.load_policy(other_shape)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     torch.save({"some": "dict"}, tmp_path / "foreign.pt")
     for path in (tmp_path / "junk.pt", tmp_path / "foreign.pt"):
         with pytest.raises(ValueError, match="not a checkpoint of this project"):
-            train.load_checkpoint(str(path))
+            checkpoints.load_checkpoint(str(path))
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        train.load_checkpoint(str(tmp_path / "missing.pt"))
+        checkpoints.load_checkpoint(str(tmp_path / "missing.pt"))
 
 
 # ----- processes: crash, Ctrl-C, torchrun --------------------------------------------------------
@@ -150,8 +153,8 @@ def test_sigkill_then_resume_reaches_the_same_adapters(tmp_path, tiny_gpt2_dir):
     wait_for_step(tmp_path / "b" / "metrics.jsonl", 7, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not list((tmp_path / "b").glob("*.tmp")) or train.load_checkpoint(str(tmp_path / "b" / "last.pt"))
-    saved_step = train.load_checkpoint(str(tmp_path / "b" / "last.pt"))["step"]
+    assert not list((tmp_path / "b").glob("*.tmp")) or checkpoints.load_checkpoint(str(tmp_path / "b" / "last.pt"))
+    saved_step = checkpoints.load_checkpoint(str(tmp_path / "b" / "last.pt"))["step"]
     assert 0 < saved_step < straight["step"]
     resumed = train.train(tiny_config(data, tiny_gpt2_dir, tmp_path / "b", resume=str(tmp_path / "b" / "last.pt"), **settings))
     assert resumed["step"] == straight["step"]
@@ -170,7 +173,7 @@ def test_ctrl_c_finishes_the_step_and_saves(tmp_path, tiny_gpt2_dir):
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 0 and "Traceback" not in err and "interrupted: saved step" in err
-    last = train.load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    last = checkpoints.load_checkpoint(str(tmp_path / "run" / "last.pt"))
     assert 3 <= last["step"] < 300
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) == last["step"]
@@ -219,17 +222,17 @@ def test_resume_refuses_what_cannot_continue_exactly(tmp_path, tiny_gpt2_dir, ca
     assert train.main(["--resume", best]) == 1
     error = capsys.readouterr().err
     assert "holds the best adapters only" in error and f"resume from {last}" in error and "Traceback" not in error
-    saved = train.load_checkpoint(last)
+    saved = checkpoints.load_checkpoint(last)
     with pytest.raises(ValueError, match="trained on 1 processes, not 2: .* torchrun --nproc_per_node 1"):
-        train.check_resume_fits(saved, last, saved["total_steps"], 2, torch.device("cpu"))
+        checkpoints.check_resume_fits(saved, last, saved["total_steps"], 2, torch.device("cpu"))
     with pytest.raises(ValueError, match="schedule of 2 steps; these data and settings give 3"):
-        train.check_resume_fits(saved, last, 3, 1, torch.device("cpu"))
+        checkpoints.check_resume_fits(saved, last, 3, 1, torch.device("cpu"))
     with pytest.raises(ValueError, match="trained on cpu, not cuda"):
-        train.check_resume_fits(saved, last, saved["total_steps"], 1, torch.device("cuda"))
+        checkpoints.check_resume_fits(saved, last, saved["total_steps"], 1, torch.device("cuda"))
     older = {k: v for k, v in saved.items() if k != "state"}  # a last.pt from before the run state was saved
     torch.save(older, tmp_path / "older.pt")
     with pytest.raises(ValueError, match="older train.py .* cannot continue exactly"):
-        train.load_resumable(str(tmp_path / "older.pt"))
+        checkpoints.load_resumable(str(tmp_path / "older.pt"))
 
 
 def test_a_new_run_never_writes_over_another(tmp_path, tiny_gpt2_dir, capsys):
@@ -260,15 +263,15 @@ def test_dropout_is_off_everywhere_so_policy_equals_reference_in_train_mode(fami
                                                         attn_pdrop=0.3, resid_pdrop=0.3, embd_pdrop=0.3)),
              "llama": lambda: LlamaForCausalLM(LlamaConfig(**size)),
              "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(**size, head_dim=16, sliding_window=8))}[family]()
-    train.disable_dropout(model)
+    models.disable_dropout(model)
     lora.add_lora(model, lora.LoRAConfig(r=4))
     model.train()
     ids = torch.randint(0, 64, (4, 12)).tolist()
     batch = data.collate([data.TokenizedPair(ids[i][:5], ids[i][5:], ids[i + 2][5:]) for i in range(2)], [0, 1], pad_id=0)
-    policy = train.batch_logps(model, batch).sum
+    policy = models.batch_logps(model, batch).sum
     with torch.no_grad(), lora.adapters_disabled(model):
-        reference = train.batch_logps(model, batch).sum
-    assert torch.equal(policy, train.batch_logps(model, batch).sum)  # two train-mode forwards agree
+        reference = models.batch_logps(model, batch).sum
+    assert torch.equal(policy, models.batch_logps(model, batch).sum)  # two train-mode forwards agree
     result = dpo.dpo_loss(*policy.chunk(2), *reference.chunk(2), beta=0.1)
     assert torch.equal(result.losses, torch.full((2,), math.log(2)))  # exactly: policy == reference
     assert torch.equal(result.chosen_rewards, torch.zeros(2)) and torch.equal(result.rejected_rewards, torch.zeros(2))
@@ -293,9 +296,9 @@ def test_every_collective_reduces_a_tensor_on_the_runs_device(monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", record)
     device = torch.device("meta")
     with pytest.raises(Reduced):
-        train.mean_across_ranks([1.0, 2.0], 2, device)
+        ranks.mean_across_ranks([1.0, 2.0], 2, device)
     with pytest.raises(Reduced):
-        train.any_rank(True, 2, device)
+        ranks.any_rank(True, 2, device)
     assert seen == [device, device]
 
 
@@ -336,10 +339,10 @@ def test_a_full_disk_is_one_line_no_stray_file_and_the_last_checkpoint_resumes(t
         assert err[-1].startswith(f"train.py: error: cannot write {folder}/") and "Traceback" not in "\n".join(err)
         assert err[-1].endswith(f": No space left on device; {last} is whole: free space and continue with "
                                 f"--resume {last}")
-        assert not list(folder.glob("*.tmp")) and train.load_checkpoint(str(last))["step"] in (2, 4)
+        assert not list(folder.glob("*.tmp")) and checkpoints.load_checkpoint(str(last))["step"] in (2, 4)
         (folder / "filler").unlink()
         assert train.main(flags(folder) + ["--resume", str(last)]) == 0
-        resumed, straight = (train.load_checkpoint(str(path / "last.pt")) for path in (folder, tmp_path / "straight"))
+        resumed, straight = (checkpoints.load_checkpoint(str(path / "last.pt")) for path in (folder, tmp_path / "straight"))
         assert resumed["step"] == 6 and all(torch.equal(resumed["adapters"][k], straight["adapters"][k])
                                             for k in straight["adapters"])
     finally:

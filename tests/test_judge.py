@@ -18,12 +18,15 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import checkpoints
 import data
 import dpo
 import judge
-import lora
-import train
 import llama_judge
+import lora
+import models
+import settings
+import train
 from conftest import gpt2_tokenizer, tiny_gpt2
 from stand_in_judges import KillsItself, longer_is_better
 
@@ -71,12 +74,12 @@ def one_torch_thread():
 @pytest.fixture(autouse=True)
 def no_hub(monkeypatch):
     """Tests never download: the Hub is unreachable unless a test says otherwise."""
-    monkeypatch.setattr(train, "hub_unreachable_reason", lambda: "no network in tests")
+    monkeypatch.setattr(models, "hub_unreachable_reason", lambda: "no network in tests")
 
 
 @pytest.fixture(scope="module")
 def gemma_judge():
-    real = llama_judge.LlamaJudge(train.bundled_model(), n_ctx=1024)  # small n_ctx keeps it light
+    real = llama_judge.LlamaJudge(models.bundled_model(), n_ctx=1024)  # small n_ctx keeps it light
     yield real
     real.close()
 
@@ -234,7 +237,7 @@ def test_real_judge_verdict_is_the_next_token_after_answer(gemma_judge):
 
 
 def test_real_judge_with_a_chat_template_answers_in_the_model_turn():
-    chat_judge = llama_judge.LlamaJudge(train.bundled_model(), n_ctx=1024, chat_template=CHAT_TEMPLATE)
+    chat_judge = llama_judge.LlamaJudge(models.bundled_model(), n_ctx=1024, chat_template=CHAT_TEMPLATE)
     try:
         ids = chat_judge.prompt_ids(*PAIRS[0])
         start_of_turn = chat_judge.llm.tokenize(b"<start_of_turn>", add_bos=False, special=True)
@@ -266,8 +269,8 @@ def test_missing_or_broken_judge_file_is_one_clear_error(checkpoint, tmp_path, c
 
 def test_the_real_judge_in_its_own_process_gives_the_verdicts_it_gives_in_this_one(gemma_judge):
     """Gemma 3 270M through llama.cpp, built by requirements.txt, in the child evaluate() uses."""
-    child = llama_judge.JudgeProcess(functools.partial(llama_judge.LlamaJudge, train.bundled_model(), n_ctx=1024),
-                               train.bundled_model())
+    child = llama_judge.JudgeProcess(functools.partial(llama_judge.LlamaJudge, models.bundled_model(), n_ctx=1024),
+                                     models.bundled_model())
     try:
         for conversation, good, poor in PAIRS:
             assert child(conversation, good, poor) == pytest.approx(gemma_judge(conversation, good, poor), abs=1e-6)
@@ -278,7 +281,7 @@ def test_the_real_judge_in_its_own_process_gives_the_verdicts_it_gives_in_this_o
 
 
 def test_without_extra_buffer_types_the_judge_loads_plain_weights_and_agrees(gemma_judge):
-    plain = llama_judge.LlamaJudge(train.bundled_model(), n_ctx=1024, extra_buffer_types=False)
+    plain = llama_judge.LlamaJudge(models.bundled_model(), n_ctx=1024, extra_buffer_types=False)
     try:
         assert plain.llm.model_params.use_extra_bufts is False and gemma_judge.llm.model_params.use_extra_bufts
         for question in PAIRS:  # the same weights without their repacked (or AMX) copies: other kernels, other rounding
@@ -363,7 +366,7 @@ def test_a_crash_message_names_the_signal_and_its_likely_cause():
 
 def test_offline_the_default_judge_is_the_bundled_gemma_said_in_one_line(monkeypatch, capsys):
     monkeypatch.setattr(judge, "download_judge", lambda: pytest.fail("downloaded with the Hub unreachable"))
-    assert judge.judge_model_file("") == train.bundled_model()
+    assert judge.judge_model_file("") == models.bundled_model()
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no network in tests" in err
     assert "base-model stand-in at chance, so its verdicts are no evidence" in err and "--judge-model FILE" in err
@@ -371,8 +374,8 @@ def test_offline_the_default_judge_is_the_bundled_gemma_said_in_one_line(monkeyp
 
 def test_with_the_hub_the_seeds_judge_is_downloaded_then_loaded_by_llama_cpp(checkpoint, tmp_path, monkeypatch, capsys):
     downloads = []
-    monkeypatch.setattr(train, "hub_unreachable_reason", lambda: None)
-    monkeypatch.setattr(judge, "download_judge", lambda: downloads.append(1) or train.bundled_model())  # no 4 GB here
+    monkeypatch.setattr(models, "hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(judge, "download_judge", lambda: downloads.append(1) or models.bundled_model())  # no 4 GB here
     output = tmp_path / "j.jsonl"
     assert judge.main([checkpoint, "--num-test-questions", "1", "--sanity", "1", "--max-new-tokens", "4",
                        "--judge-context", "512", "--output", str(output)]) == 0
@@ -390,7 +393,7 @@ def test_a_failed_download_is_one_line_naming_the_way_out(checkpoint, tmp_path, 
     def cut_download(repo_id, filename, **options):
         asked.append((repo_id, filename))
         raise ConnectionError("Connection broken: IncompleteRead(1048576 bytes read, 4080955648 more expected)")
-    monkeypatch.setattr(train, "hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(models, "hub_unreachable_reason", lambda: None)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", cut_download)
     output = tmp_path / "j.jsonl"
     assert judge.main([checkpoint, "--output", str(output)]) == 2
@@ -407,7 +410,7 @@ def test_a_failed_download_is_one_line_naming_the_way_out(checkpoint, tmp_path, 
 def log_of_another_run(checkpoint, judge_file, output):
     """A log whose header says --seed 1."""
     config = judge.JudgeConfig(checkpoint, seed=1, output=str(output))
-    log = judge.JudgementLog(config.output, judge.run_header(config, train.load_checkpoint(checkpoint), str(judge_file)),
+    log = judge.JudgementLog(config.output, judge.run_header(config, checkpoints.load_checkpoint(checkpoint), str(judge_file)),
                              resume=False)
     log.append({"kind": "answer", "model": "base", "prompt_id": 0, "prompt": "q", "answer": "a"})
     log.close()
@@ -420,7 +423,7 @@ def log_of_another_run(checkpoint, judge_file, output):
 def test_cheap_checks_fail_before_any_model_loads(checkpoint, tmp_path, monkeypatch, capsys, problem, message):
     broken_judge = tmp_path / "judge.gguf"  # loading it would fail: an error about it means it was loaded
     broken_judge.write_bytes(b"GGUF" + bytes(60))
-    monkeypatch.setattr(train, "load_model_and_tokenizer", lambda *args, **kw: pytest.fail("the policy was loaded"))
+    monkeypatch.setattr(models, "load_model_and_tokenizer", lambda *args, **kw: pytest.fail("the policy was loaded"))
     output = tmp_path / "j.jsonl"
     argv = [checkpoint, "--judge-model", str(broken_judge), "--output", str(output)]
     if problem == "a truncated checkpoint":
@@ -553,7 +556,7 @@ def test_resume_refuses_a_log_made_with_other_settings(checkpoint, tmp_path, cha
     (tmp_path / "other.gguf").write_bytes(bytes(65))
     shutil.copy(checkpoint, tmp_path / "ckpt.pt")
     config = judge.JudgeConfig(str(tmp_path / "ckpt.pt"), max_new_tokens=6, judge_model=str(tmp_path / "judge.gguf"))
-    header = lambda config: judge.run_header(config, train.load_checkpoint(config.checkpoint), config.judge_model)
+    header = lambda config: judge.run_header(config, checkpoints.load_checkpoint(config.checkpoint), config.judge_model)
     path = str(tmp_path / "j.jsonl")
     judge_into_log(path, longer_is_better, [(0, "q", "x", "y")], resume=False, header=header(config))
     judge.JudgementLog(path, header(config), resume=True).close()  # the same run: continued
@@ -570,7 +573,7 @@ PROMPTS = [f"{H} hi{A}", f"{H} what is the weather like in Paris today?{A}", f"{
 @pytest.fixture(scope="module")
 def tokenizer():
     tokenizer = gpt2_tokenizer()
-    tokenizer.pad_token = tokenizer.eos_token  # as train.load_model_and_tokenizer does
+    tokenizer.pad_token = tokenizer.eos_token  # as models.load_model_and_tokenizer does
     return tokenizer
 
 
@@ -705,7 +708,7 @@ def test_each_model_answers_with_its_own_weights(tmp_path, tokenizer):
         if sft:
             assert answers["sft"] == answers_of(with_adapters(checkpoint["sft"]), tokenizer, PROMPTS, 8, 0.0)
         policy = tiny_gpt2(vocab_size=50257)
-        train.add_trained_adapters(policy, checkpoint)  # unmerged DPO adapters on the (folded) SFT model
+        checkpoints.add_trained_adapters(policy, checkpoint)  # unmerged DPO adapters on the (folded) SFT model
         assert answers["dpo"] == answers_of(policy, tokenizer, PROMPTS, 8, 0.0)
         assert len(set(map(tuple, answers.values()))) == len(answers)  # every model answers otherwise
 
@@ -750,7 +753,7 @@ def test_evaluate_logs_everything_and_resume_judges_nothing_again(checkpoint, ge
 
     def no_generation(*args, **kwargs):
         raise AssertionError("resume regenerated answers")
-    monkeypatch.setattr(train, "load_model_and_tokenizer", no_generation)
+    monkeypatch.setattr(models, "load_model_and_tokenizer", no_generation)
     again = Counted(gemma_judge)
     assert judge.evaluate(dataclasses.replace(config, resume=True), judge=again) == results
     assert again.calls == 0 and len(open(output).readlines()) == len(records)
@@ -767,11 +770,11 @@ def test_evaluate_logs_everything_and_resume_judges_nothing_again(checkpoint, ge
 def test_after_an_sft_stage_dpo_is_also_compared_with_the_sft_model(checkpoint, tmp_path, capsys):
     """The paper's comparisons: DPO vs the SFT model (its reference), vs the dataset, and vs base;
     an SFT run's own checkpoint is judged as the SFT model."""
-    run = train.load_checkpoint(checkpoint)
-    settings = dict(train.config_from_dict(run["config"]).__dict__, resume=None, max_steps=1)
-    sft = train.train(train.TrainConfig(**{**settings, "loss_type": "sft", "checkpoint_dir": str(tmp_path / "sft")}))
+    run = checkpoints.load_checkpoint(checkpoint)
+    run_settings = dict(settings.config_from_dict(run["config"]).__dict__, resume=None, max_steps=1)
+    sft = train.train(train.TrainConfig(**{**run_settings, "loss_type": "sft", "checkpoint_dir": str(tmp_path / "sft")}))
     sft_file = str(tmp_path / "sft" / "best.pt")
-    train.train(train.TrainConfig(**{**settings, "sft_checkpoint": sft_file, "checkpoint_dir": str(tmp_path / "dpo")}))
+    train.train(train.TrainConfig(**{**run_settings, "sft_checkpoint": sft_file, "checkpoint_dir": str(tmp_path / "dpo")}))
     options = dict(num_test_questions=3, sanity=2, max_new_tokens=6)
     results = judge.evaluate(judge.JudgeConfig(str(tmp_path / "dpo" / "last.pt"), output=str(tmp_path / "j.jsonl"),
                                                **options), judge=longer_is_better)
@@ -808,7 +811,7 @@ def test_run_eval_refuses_a_model_or_data_the_checkpoint_was_not_trained_on(chec
         judge.run_eval("gpt2-large", load_path=checkpoint)
     with pytest.raises(ValueError, match="dataset 'other.jsonl' is not what"):
         judge.run_eval(dataset="other.jsonl", load_path=checkpoint)
-    data = train.load_checkpoint(checkpoint)["config"]["data"]
+    data = checkpoints.load_checkpoint(checkpoint)["config"]["data"]
     with pytest.raises(ValueError, match="holds out 25 test pairs"):  # its own names pass, and the run goes on
         judge.run_eval(tiny_gpt2_dir, data, load_path=checkpoint, sanity=26)
 

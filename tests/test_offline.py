@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+import checkpoints
 import data
-import train
+import models
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--num-examples", "4", "--val-size", "4", "--test-size", "4", "--batch-size", "2", "--max-length", "64", "--max-prompt-length", "32",
@@ -17,7 +18,7 @@ SMALL = ["--num-examples", "4", "--val-size", "4", "--test-size", "4", "--batch-
 
 def offline_env() -> dict:
     """No Hub: nothing listens at the endpoint, as on a machine without network."""
-    env = {k: v for k, v in os.environ.items() if k not in train.OFFLINE_VARIABLES}
+    env = {k: v for k, v in os.environ.items() if k not in models.OFFLINE_VARIABLES}
     return {**env, "HF_ENDPOINT": "http://127.0.0.1:9"}
 
 
@@ -35,9 +36,9 @@ def test_train_without_the_hub_says_so_and_trains_the_bundled_model_on_the_bundl
     fallback = [line for line in done.stderr.splitlines() if "cannot be reached" in line]
     assert len(fallback) == 1 and "Gemma 3 270M" in fallback[0] and "bundled pairs" in fallback[0]
     assert "Loading a GGUF checkpoint" not in done.stderr  # transformers' float32 advice does not apply here
-    checkpoint = train.load_checkpoint(str(run_dir / "best.pt"))
-    assert checkpoint["base_model"] == train.bundled_model() and checkpoint["config"]["data"] == data.BUNDLED_DATA
-    last = train.load_checkpoint(str(run_dir / "last.pt"))
+    checkpoint = checkpoints.load_checkpoint(str(run_dir / "best.pt"))
+    assert checkpoint["base_model"] == models.bundled_model() and checkpoint["config"]["data"] == data.BUNDLED_DATA
+    last = checkpoints.load_checkpoint(str(run_dir / "last.pt"))
     assert last["step"] == 1 and last["val_metrics"]["n"] == 4
 
 
@@ -64,7 +65,7 @@ def test_a_checkpoint_of_the_gguf_model_exports_a_merged_folder_transformers_loa
     done = subprocess.run([sys.executable, str(ROOT / "export.py"), str(run_dir / "best.pt"), "--merged", str(tmp_path / "m")],
                           cwd=tmp_path, env=offline_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    ours, tokenizer = train.load_policy(train.load_checkpoint(str(run_dir / "best.pt")))
+    ours, tokenizer = checkpoints.load_policy(checkpoints.load_checkpoint(str(run_dir / "best.pt")))
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")).eval()
     ids = tokenizer("\n\nHuman: What is a good name for a cat?\n\nAssistant:", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -11,8 +11,9 @@ from hypothesis import given, settings, strategies as st
 
 import data
 import lora
-import train
+import models
 from conftest import FAMILIES, tiny_gemma3
+from settings import TrainConfig
 
 MODELS = {**FAMILIES, "gemma3": tiny_gemma3}
 VOCAB = 64
@@ -43,7 +44,7 @@ def both_layouts(model, items, pad_id):
     """(two-row log-probs, shared-row log-probs) of the same pairs, and the two batches."""
     index = list(range(len(items)))
     two_rows, shared = data.collate(items, index, pad_id), data.collate_shared(items, index, pad_id)
-    return train.batch_logps(model, two_rows), train.batch_logps(model, shared), two_rows, shared
+    return models.batch_logps(model, two_rows), models.batch_logps(model, shared), two_rows, shared
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -72,7 +73,7 @@ def test_one_shared_row_a_pair_gives_the_gradients_of_two_rows(family, items):
     gradients = []
     for collate in (data.collate, data.collate_shared):
         model.zero_grad(set_to_none=True)
-        chosen, rejected = train.batch_logps(model, collate(items, list(range(len(items))), 0)).sum.chunk(2)
+        chosen, rejected = models.batch_logps(model, collate(items, list(range(len(items))), 0)).sum.chunk(2)
         (chosen - rejected).sum().backward()
         gradients.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-4, atol=1e-5)
@@ -137,7 +138,7 @@ def scaled_granite():
 
 
 def capped_gemma2():
-    """Gemma 2 caps its logits (tanh soft-cap), which train.output_layer applies: the probe agrees."""
+    """Gemma 2 caps its logits (tanh soft-cap), which models.output_layer applies: the probe agrees."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
     return tiny_of(Gemma2Config, Gemma2ForCausalLM, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                    num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=3.0)
@@ -162,23 +163,23 @@ def test_the_run_measures_which_layout_gives_its_models_own_log_probs_and_says_s
     """Verify, don't enumerate: the probe, not a list of config names, decides. Whatever it picks,
     the run's log-probs are the model's own (model(...).logits), in fp32 and in bf16 weights alike."""
     model, announced = make(), []
-    config = train.TrainConfig(max_length=48, max_prompt_length=24)
-    collate = train.collate_function(config, model, pad_id=0, announce=announced.append)
+    config = TrainConfig(max_length=48, max_prompt_length=24)
+    collate = models.collate_function(config, model, pad_id=0, announce=announced.append)
     assert collate.func is (data.collate_shared if layout == "shared" else data.collate)
     assert model.scores_from_logits == (layout == "logits")
     assert len(announced) == (said is not None) and all(said in line for line in announced)
     items = [data.TokenizedPair(list(range(2)), list(range(46)), list(range(3, 49))),  # other lengths than the
              data.TokenizedPair(list(range(20)), list(range(9)), list(range(1, 5)))]    # probe's, the longest row too
     with torch.no_grad():
-        own = train.own_logps(model, data.collate(items, [0, 1], 0)).sum
-        torch.testing.assert_close(train.batch_logps(model, collate(items, [0, 1])).sum, own, rtol=1e-5, atol=1e-4)
-    assert model.dtype == torch.float32 and train.probe_layout(model.to(torch.bfloat16), 48, 24, 0)[0] == layout
+        own = models.own_logps(model, data.collate(items, [0, 1], 0)).sum
+        torch.testing.assert_close(models.batch_logps(model, collate(items, [0, 1])).sum, own, rtol=1e-5, atol=1e-4)
+    assert model.dtype == torch.float32 and models.probe_layout(model.to(torch.bfloat16), 48, 24, 0)[0] == layout
     assert model.dtype == torch.bfloat16  # the probe ran in fp32 and put the weights back
 
 
 def test_sft_and_prefix_sharing_off_read_two_rows_silently_and_dpo_shares_the_prompt():
     model, said = tiny_gemma3(), []
-    layout = lambda **overrides: train.collate_function(train.TrainConfig(max_length=48, max_prompt_length=24, **overrides),
+    layout = lambda **overrides: models.collate_function(TrainConfig(max_length=48, max_prompt_length=24, **overrides),
                                                         model, 0, said.append).func
     assert layout() is data.collate_shared
     assert layout(loss_type="sft") is data.collate and layout(prefix_sharing=False) is data.collate
@@ -190,7 +191,7 @@ def test_the_probe_puts_every_weight_back_bit_for_bit_in_its_own_dtype():
     lora.add_lora(model, lora.LoRAConfig(r=4))  # A and B in fp32 beside bf16 weights
     before = {name: (tensor.dtype, tensor.clone()) for name, tensor in model.state_dict().items()}
     parameters = list(model.parameters())
-    assert train.probe_layout(model, 48, 24, 0)[0] == "shared"
+    assert models.probe_layout(model, 48, 24, 0)[0] == "shared"
     after = model.state_dict()
     assert all(after[name].dtype == dtype and torch.equal(after[name], value) for name, (dtype, value) in before.items())
     assert any(dtype == torch.float32 for dtype, _ in before.values()) and list(model.parameters()) == parameters
@@ -199,4 +200,4 @@ def test_the_probe_puts_every_weight_back_bit_for_bit_in_its_own_dtype():
 def test_the_probe_reads_the_vocabulary_when_lora_wraps_the_output_layer():
     model = MODELS["llama"]()
     lora.add_lora(model, lora.LoRAConfig(r=4, targets=("q_proj", "lm_head")))
-    assert train.probe_layout(model, 48, 24, 0)[0] == "shared"
+    assert models.probe_layout(model, 48, 24, 0)[0] == "shared"

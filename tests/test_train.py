@@ -11,11 +11,15 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import checkpoints
+import cli
 import data
 import dpo
 import lora
+import models
 import train
 from conftest import gpt2_tokenizer, tiny_gpt2
+from settings import config_from_dict
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
 
@@ -112,13 +116,13 @@ def test_truncated_gzip_is_a_clear_error(tmp_path):
 def test_single_file_gives_seeded_disjoint_validation_and_test_splits(tmp_path):
     config = train.TrainConfig(data=write_jsonl(tmp_path / "d.jsonl", synthetic_rows(30)), val_size=8, test_size=6,
                                num_examples=10)
-    train_pairs, val_pairs, test_pairs = train.split_data_of(config)
+    train_pairs, val_pairs, test_pairs = checkpoints.split_data_of(config)
     assert (len(train_pairs), len(val_pairs), len(test_pairs)) == (10, 8, 6)
     assert not set(train_pairs) & set(val_pairs) and not set(train_pairs) & set(test_pairs)
     assert not set(val_pairs) & set(test_pairs)
-    assert train.split_data_of(config) == (train_pairs, val_pairs, test_pairs)
-    assert train.split_data_of(dataclasses.replace(config, seed=5)) == (train_pairs, val_pairs, test_pairs)  # split_seed's
-    assert train.held_out_pairs({"config": vars(config)}, "old.pt") == test_pairs  # no fingerprint: said, not refused
+    assert checkpoints.split_data_of(config) == (train_pairs, val_pairs, test_pairs)
+    assert checkpoints.split_data_of(dataclasses.replace(config, seed=5)) == (train_pairs, val_pairs, test_pairs)  # split_seed's
+    assert checkpoints.held_out_pairs({"config": vars(config)}, "old.pt") == test_pairs  # no fingerprint: said, not refused
 
 
 # ----- tokenisation ----------------------------------------------------------------------
@@ -165,14 +169,14 @@ def test_the_cli_reads_any_plain_field_type_or_says_which_it_cannot():
         ratio: float | None = None   # a float or nothing
         name: str = "x"              # a name
         on: bool = False             # a switch
-    parsed = train.config_parser(Knobs, "k", "").parse_args(["--ratio", "0.5", "--on"])
+    parsed = cli.config_parser(Knobs, "k", "").parse_args(["--ratio", "0.5", "--on"])
     assert (parsed.ratio, parsed.name, parsed.on) == (0.5, "x", True)
 
     @dataclasses.dataclass
     class Odd:
         sizes: list[int] = dataclasses.field(default_factory=list)  # sizes
     with pytest.raises(TypeError, match="Odd.sizes: the CLI reads int, float, str, bool"):
-        train.config_parser(Odd, "k", "")
+        cli.config_parser(Odd, "k", "")
 
 
 def test_eos_is_scored_even_when_pad_equals_eos(tokenizer):
@@ -217,7 +221,7 @@ def test_logps_from_response_hidden_states_equal_full_logits(tokenizer):
     items = [data.tokenize_pair(data.Pair(f"{H} q {i}{A}", " yes" * (i + 1), " no"), tokenizer, 32, 16) for i in range(3)]
     batch = data.collate(items, [0, 1, 2], pad_id=tokenizer.eos_token_id)
     with torch.no_grad():
-        fast = train.batch_logps(model, batch)
+        fast = models.batch_logps(model, batch)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         full = dpo.sequence_logps(logits, batch.input_ids, batch.response_mask)
     torch.testing.assert_close(fast.sum, full.sum, rtol=1e-5, atol=1e-4)
@@ -226,7 +230,7 @@ def test_logps_from_response_hidden_states_equal_full_logits(tokenizer):
 
 def test_loaded_model_has_no_dropout_so_policy_equals_reference_at_step_zero(tiny_gpt2_dir, tokenizer):
     """docs/PITFALLS.md 3 and 5: in train mode, with dropout off, loss is log 2 and rewards 0 exactly."""
-    model, _ = train.load_model_and_tokenizer(tiny_gpt2_dir, "float32")
+    model, _ = models.load_model_and_tokenizer(tiny_gpt2_dir, "float32")
     lora.add_lora(model, lora.LoRAConfig(r=4, dropout=0.0))
     model.train()
     items = [data.tokenize_pair(p, tokenizer, 48, 24) for p in data.records_to_pairs(
@@ -241,7 +245,7 @@ def test_loaded_model_has_no_dropout_so_policy_equals_reference_at_step_zero(tin
 @pytest.mark.parametrize("loss_type", ["sigmoid", "sft"])
 def test_training_steps_lower_the_loss_on_a_fixed_batch(tiny_gpt2_dir, tokenizer, loss_type):
     """DPO from log 2 (policy = reference), SFT (the chosen answers' NLL per token) from the base model's."""
-    model, _ = train.load_model_and_tokenizer(tiny_gpt2_dir, "float32")
+    model, _ = models.load_model_and_tokenizer(tiny_gpt2_dir, "float32")
     lora.add_lora(model, lora.LoRAConfig(r=4))
     items = [data.tokenize_pair(p, tokenizer, 48, 24) for p in data.records_to_pairs(
         enumerate(synthetic_rows(4), 1), "x", False, {})]
@@ -265,9 +269,9 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch(tiny_gpt2_dir, tokenizer
 
 def test_unknown_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="model not found"):
-        train.load_model_and_tokenizer(str(tmp_path / "missing.gguf"))
+        models.load_model_and_tokenizer(str(tmp_path / "missing.gguf"))
     with pytest.raises(FileNotFoundError, match="model not found"):
-        train.load_model_and_tokenizer("./no/such/folder")
+        models.load_model_and_tokenizer("./no/such/folder")
 
 
 # ----- the whole loop: checkpoints, resume, early stopping ----------------------------------
@@ -278,10 +282,10 @@ def test_training_learns_and_writes_loadable_checkpoints(tmp_path, tiny_gpt2_dir
     assert result["val_metrics"]["loss"] < math.log(2) and result["val_metrics"]["reward_accuracy"] > 0.5
     for name in ("best.pt", "last.pt", "metrics.jsonl", "curves.png"):
         assert (tmp_path / "run" / name).exists()
-    best = train.load_checkpoint(str(tmp_path / "run" / "best.pt"))  # weights_only=True inside
+    best = checkpoints.load_checkpoint(str(tmp_path / "run" / "best.pt"))  # weights_only=True inside
     assert best["base_model"] == tiny_gpt2_dir and best["lora"]["targets"] == ["c_attn", "c_proj", "c_fc"]
     assert set(best) >= {"adapters", "config", "step", "val_metrics"} and "optimizer" not in best
-    model, _ = train.load_policy(best)
+    model, _ = checkpoints.load_policy(best)
     assert all(torch.equal(t, lora.adapter_state_dict(model)[k]) for k, t in best["adapters"].items())
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0] == {**rows[0], "step": 0, "split": "val", "loss": pytest.approx(math.log(2)), "reward_accuracy": 0.5}
@@ -296,7 +300,7 @@ def test_training_learns_and_writes_loadable_checkpoints(tmp_path, tiny_gpt2_dir
 def with_test_answers_swapped(path, config):
     """The same file with every test pair's answers swapped: other test figures, and nothing else
     a run can read before its end should differ."""
-    test_prompts = {pair.prompt for pair in train.split_data_of(config).test}
+    test_prompts = {pair.prompt for pair in checkpoints.split_data_of(config).test}
     rows = [json.loads(line) for line in open(path)]
     rows = [{"chosen": r["rejected"], "rejected": r["chosen"]} if data.split_prompt(r["chosen"], r["rejected"]).prompt
             in test_prompts else r for r in rows]
@@ -317,8 +321,8 @@ def test_validation_and_early_stopping_never_see_the_test_pairs(tmp_path_factory
         if name == "swapped":
             config = dataclasses.replace(config, data=with_test_answers_swapped(original, config))
         summary = train.train(config)
-        rows = train.read_log(folder / name / "metrics.jsonl")
-        runs.append((summary, rows, train.load_checkpoint(str(folder / name / "best.pt"))))
+        rows = checkpoints.read_log(folder / name / "metrics.jsonl")
+        runs.append((summary, rows, checkpoints.load_checkpoint(str(folder / name / "best.pt"))))
     (first, first_rows, first_best), (second, second_rows, second_best) = runs
     assert first_rows[:-1] == second_rows[:-1] and first["stopped_early"] == second["stopped_early"]
     assert all(torch.equal(first_best["adapters"][k], second_best["adapters"][k]) for k in first_best["adapters"])
@@ -330,17 +334,17 @@ def test_an_old_checkpoint_without_a_test_split_loads_and_says_so(tmp_path, tiny
     """Written before Dec 2026: no test_size nor split_seed (seed made the split), no test fingerprint."""
     data_file = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(20))
     train.train(tiny_config(data_file, tiny_gpt2_dir, tmp_path / "run", max_steps=1, test_size=0, seed=3, split_seed=3))
-    new = train.load_checkpoint(str(tmp_path / "run" / "best.pt"))
+    new = checkpoints.load_checkpoint(str(tmp_path / "run" / "best.pt"))
     old = {**new, "config": {k: v for k, v in new["config"].items() if k not in ("test_size", "split_seed")}}
     assert set(old["data_sha256"]) == {"train", "validation"}
     capsys.readouterr()
-    held_out = train.held_out_pairs(old, "old.pt")
-    assert held_out == train.split_data_of(train.config_from_dict(new["config"])).validation and len(held_out) == 4
+    held_out = checkpoints.held_out_pairs(old, "old.pt")
+    assert held_out == checkpoints.split_data_of(config_from_dict(new["config"])).validation and len(held_out) == 4
     assert "old.pt has no test split (an older train.py wrote it): its validation pairs instead" in capsys.readouterr().err
-    summary = train.train(dataclasses.replace(train.config_from_dict(old["config"]), checkpoint_dir=str(tmp_path / "again"),
+    summary = train.train(dataclasses.replace(config_from_dict(old["config"]), checkpoint_dir=str(tmp_path / "again"),
                                               max_steps=1))
     assert summary["test_metrics"] is None  # and its split is the old one: seed 3's
-    assert train.load_checkpoint(str(tmp_path / "again" / "best.pt"))["data_sha256"] == new["data_sha256"]
+    assert checkpoints.load_checkpoint(str(tmp_path / "again" / "best.pt"))["data_sha256"] == new["data_sha256"]
 
 
 # --max-steps 7 sets the cosine schedule's length (8 steps of data): a bare --resume must keep it.
@@ -350,18 +354,18 @@ UNINTERRUPTED = {}  # stage -> the run that never stopped, trained once for all 
 
 
 def run_rows(run_dir):
-    return [(r["step"], r["split"], r["loss"]) for r in train.read_log(run_dir / "metrics.jsonl")]
+    return [(r["step"], r["split"], r["loss"]) for r in checkpoints.read_log(run_dir / "metrics.jsonl")]
 
 
 def stop_at(step, monkeypatch):
     """Ctrl-C right after the train row of `step` is written: the real signal handler takes it."""
-    write = train.write_metrics
+    write = checkpoints.write_metrics
 
     def write_then_interrupt(file, row):
         write(file, row)
         if row["split"] == "train" and row["step"] == step:
             signal.raise_signal(signal.SIGINT)
-    monkeypatch.setattr(train, "write_metrics", write_then_interrupt)
+    monkeypatch.setattr(checkpoints, "write_metrics", write_then_interrupt)
 
 
 def stage_settings(stage, tmp_path_factory, data, model_dir):
@@ -411,31 +415,31 @@ def test_dpo_after_sft_starts_from_the_sft_model_as_policy_and_reference(tmp_pat
     judge.py rebuilds, and the unmerged SFT model to float rounding), DPO's first loss is log 2."""
     data_file = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(24))
     sft = train.train(tiny_config(data_file, tiny_gpt2_dir, tmp_path / "sft", loss_type="sft", epochs=2))
-    sft_rows = train.read_log(tmp_path / "sft" / "metrics.jsonl")
+    sft_rows = checkpoints.read_log(tmp_path / "sft" / "metrics.jsonl")
     assert sft_rows[0]["perplexity"] > sft["val_metrics"]["perplexity"]  # it learned the chosen answers
     assert sft["val_metrics"]["loss"] == pytest.approx(math.log(sft["val_metrics"]["perplexity"]))
-    sft_best = train.load_checkpoint(str(tmp_path / "sft" / "best.pt"))
+    sft_best = checkpoints.load_checkpoint(str(tmp_path / "sft" / "best.pt"))
     dpo = train.train(tiny_config(data_file, "gpt2", tmp_path / "dpo", sft_checkpoint=str(tmp_path / "sft" / "best.pt"),
                                   max_steps=2))  # --model left at its default: the SFT run's model
-    rows = train.read_log(tmp_path / "dpo" / "metrics.jsonl")
+    rows = checkpoints.read_log(tmp_path / "dpo" / "metrics.jsonl")
     assert rows[0]["step"] == 0 and rows[0]["loss"] == torch.tensor(math.log(2)).item()  # log 2 in fp32, exactly
     assert rows[0]["chosen_reward"] == rows[0]["rejected_reward"] == 0.0 and rows[0]["reward_accuracy"] == 0.5
-    best = train.load_checkpoint(str(tmp_path / "dpo" / "best.pt"))
+    best = checkpoints.load_checkpoint(str(tmp_path / "dpo" / "best.pt"))
     assert best["base_model"] == tiny_gpt2_dir and best["config"]["model"] == tiny_gpt2_dir
     assert all(torch.equal(best["sft"]["adapters"][k], t) for k, t in sft_best["adapters"].items())
 
-    items = [data.tokenize_pair(p, tokenizer, 48, 24) for p in train.split_data_of(train.config_from_dict(best["config"]))[1]]
+    items = [data.tokenize_pair(p, tokenizer, 48, 24) for p in checkpoints.split_data_of(config_from_dict(best["config"]))[1]]
     batch = data.collate(items, list(range(len(items))), tokenizer.eos_token_id)
-    policy, _ = train.load_policy(best)
+    policy, _ = checkpoints.load_policy(best)
     with torch.no_grad(), lora.adapters_disabled(policy):
-        reference = train.batch_logps(policy, batch).sum
-    sft_model, _ = train.load_model_and_tokenizer(tiny_gpt2_dir, "float32")
-    train.fold_sft_stage(sft_model, best["sft"])
-    sft_unmerged, _ = train.load_policy(sft_best)
+        reference = models.batch_logps(policy, batch).sum
+    sft_model, _ = models.load_model_and_tokenizer(tiny_gpt2_dir, "float32")
+    checkpoints.fold_sft_stage(sft_model, best["sft"])
+    sft_unmerged, _ = checkpoints.load_policy(sft_best)
     with torch.no_grad():
-        assert torch.equal(reference, train.batch_logps(sft_model, batch).sum)
-        torch.testing.assert_close(reference, train.batch_logps(sft_unmerged, batch).sum, rtol=1e-5, atol=1e-4)
-        assert not torch.allclose(reference, train.batch_logps(train.load_model_and_tokenizer(tiny_gpt2_dir)[0], batch).sum)
+        assert torch.equal(reference, models.batch_logps(sft_model, batch).sum)
+        torch.testing.assert_close(reference, models.batch_logps(sft_unmerged, batch).sum, rtol=1e-5, atol=1e-4)
+        assert not torch.allclose(reference, models.batch_logps(models.load_model_and_tokenizer(tiny_gpt2_dir)[0], batch).sum)
     assert dpo["step"] == 2
 
 
@@ -468,7 +472,7 @@ def test_a_data_file_changed_since_the_run_is_refused_in_one_line(tmp_path, tiny
     first = tiny_config(data_file, tiny_gpt2_dir, tmp_path / "first", max_steps=2, checkpoint_every=1,
                         loss_type="sft" if use == "--sft-checkpoint" else "sigmoid")
     train.train(first)
-    saved = train.load_checkpoint(str(tmp_path / "first" / "last.pt"))
+    saved = checkpoints.load_checkpoint(str(tmp_path / "first" / "last.pt"))
     assert set(saved["data_sha256"]) == {"train", "validation", "test"}
     swap_answers(data_file)
     message = r"was made with other (train and validation and test|test) pairs than its settings give now"
@@ -502,12 +506,12 @@ def test_dtype_auto_is_the_faster_of_bf16_and_fp32_measured_here_and_said_once()
     """Verify, don't enumerate: a bf16 matmul is fast with AMX and emulated (slow) without bf16
     matrix units, so no CPU name decides; the measurement does, and the run records its choice."""
     said = []
-    chosen = train.with_measured_dtype(train.TrainConfig(), torch.device("cpu"), 1, said.append)
-    fp32, bf16 = (train.matmul_seconds(dtype, torch.device("cpu"), repeats=5) for dtype in (torch.float32, torch.bfloat16))
+    chosen = models.with_measured_dtype(train.TrainConfig(), torch.device("cpu"), 1, said.append)
+    fp32, bf16 = (models.matmul_seconds(dtype, torch.device("cpu"), repeats=5) for dtype in (torch.float32, torch.bfloat16))
     assert chosen.dtype in ("float32", "bfloat16") and len(said) == 1 and said[0].startswith(f"--dtype auto: {chosen.dtype}")
     if max(fp32, bf16) > 2 * min(fp32, bf16):  # a clear winner: the choice is it
         assert chosen.dtype == ("bfloat16" if bf16 < fp32 else "float32")
-    assert train.with_measured_dtype(train.TrainConfig(dtype="float32"), torch.device("cpu"), 1, said.append).dtype == "float32"
+    assert models.with_measured_dtype(train.TrainConfig(dtype="float32"), torch.device("cpu"), 1, said.append).dtype == "float32"
     assert len(said) == 1  # a dtype given is not measured
 
 
@@ -543,7 +547,7 @@ def test_dpo_uses_summed_and_ipo_mean_logps():
 
 def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(tiny_gpt2_dir, tokenizer):
     """docs/PITFALLS.md 12: each micro-batch loss is divided by the number of micro-batches."""
-    model, _ = train.load_model_and_tokenizer(tiny_gpt2_dir, "float32")
+    model, _ = models.load_model_and_tokenizer(tiny_gpt2_dir, "float32")
     lora.add_lora(model, lora.LoRAConfig(r=4))
     with torch.no_grad():
         for _, layer in lora.lora_layers(model):
@@ -610,18 +614,18 @@ def test_resume_keeps_the_runs_settings_and_folder_unless_told_otherwise():
 # ----- where model and data come from: the Hub, or the bundled stand-ins ----------------------
 
 def test_hub_defaults_fall_back_to_the_bundled_files_when_the_hub_cannot_be_reached(monkeypatch, capsys):
-    monkeypatch.setattr(train, "hub_unreachable_reason", lambda: "HF_HUB_OFFLINE is set")
-    offline = train.with_offline_fallbacks(train.TrainConfig())
-    assert offline.data == data.BUNDLED_DATA and offline.model.endswith(".gguf") and offline.model == train.bundled_model()
+    monkeypatch.setattr(models, "hub_unreachable_reason", lambda: "HF_HUB_OFFLINE is set")
+    offline = models.with_offline_fallbacks(train.TrainConfig())
+    assert offline.data == data.BUNDLED_DATA and offline.model.endswith(".gguf") and offline.model == models.bundled_model()
     line = capsys.readouterr().err
     assert line.count("\n") == 1 and "cannot be reached (HF_HUB_OFFLINE is set)" in line and "Gemma 3 270M" in line
     # only what was left at its Hub default is replaced
-    mine = train.with_offline_fallbacks(train.TrainConfig(data="mine.jsonl"))
-    assert (mine.data, mine.model) == ("mine.jsonl", train.bundled_model())
-    assert train.with_offline_fallbacks(train.TrainConfig(data="mine.jsonl", model="m.gguf")) == \
+    mine = models.with_offline_fallbacks(train.TrainConfig(data="mine.jsonl"))
+    assert (mine.data, mine.model) == ("mine.jsonl", models.bundled_model())
+    assert models.with_offline_fallbacks(train.TrainConfig(data="mine.jsonl", model="m.gguf")) == \
         train.TrainConfig(data="mine.jsonl", model="m.gguf")
-    monkeypatch.setattr(train, "hub_unreachable_reason", lambda: None)  # the Hub answers: nothing changes
-    assert train.with_offline_fallbacks(train.TrainConfig()) == train.TrainConfig()
+    monkeypatch.setattr(models, "hub_unreachable_reason", lambda: None)  # the Hub answers: nothing changes
+    assert models.with_offline_fallbacks(train.TrainConfig()) == train.TrainConfig()
     assert (train.TrainConfig().model, train.TrainConfig().data) == ("gpt2", "Anthropic/hh-rlhf")
 
 
@@ -637,8 +641,8 @@ def test_an_unreachable_hub_is_found_in_one_quick_request(monkeypatch):
     import threading
 
     from huggingface_hub import constants
-    check = train.hub_unreachable_reason.__wrapped__  # the uncached function
-    for name in train.OFFLINE_VARIABLES:
+    check = models.hub_unreachable_reason.__wrapped__  # the uncached function
+    for name in models.OFFLINE_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert check() == "HF_HUB_OFFLINE is set"
@@ -668,13 +672,13 @@ def test_hub_failures_are_one_line_naming_what_to_do(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import: the env var alone is too late
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # transformers itself fails to fetch the model: no mock
     with pytest.raises(FileNotFoundError) as error:
-        train.load_model_and_tokenizer("gpt2-not-in-any-cache")
+        models.load_model_and_tokenizer("gpt2-not-in-any-cache")
     assert "\n" not in str(error.value) and "pass --model a local folder or .gguf file" in str(error.value)
 
 
 def test_checkpoints_that_wrote_none_for_the_hub_still_load():
     old = {**vars(train.TrainConfig()), "data": None}
-    assert train.config_from_dict(old).data == data.HUB_DATASET
+    assert config_from_dict(old).data == data.HUB_DATASET
 
 
 # ----- logs cut by a kill --------------------------------------------------------------------
@@ -686,13 +690,13 @@ def test_a_cut_last_log_line_is_dropped_at_every_byte_offset(tmp_path, capsys):
     for cut in range(last_start, len(whole) + 1):
         path = tmp_path / "metrics.jsonl"
         path.write_bytes(whole[:cut])
-        kept = train.read_log(path)
+        kept = checkpoints.read_log(path)
         assert kept == (rows if cut >= len(whole) - 1 else rows[:1]), cut
         assert path.read_bytes() == "".join(json.dumps(r) + "\n" for r in kept).encode()  # appendable again
     assert "metrics.jsonl: its last line is cut short" in capsys.readouterr().err
     path.write_bytes(b'{"step": 0}\n{"ste\n{"step": 1}\n')  # damage that is not a cut write
     with pytest.raises(ValueError, match="metrics.jsonl:2: not a record of train.py's metrics"):
-        train.read_log(path)
+        checkpoints.read_log(path)
 
 
 def test_resume_after_a_cut_metrics_row_continues(tmp_path, tiny_gpt2_dir, capsys, monkeypatch):
@@ -704,7 +708,7 @@ def test_resume_after_a_cut_metrics_row_continues(tmp_path, tiny_gpt2_dir, capsy
     metrics.write_bytes(metrics.read_bytes() + b'{"step": 3, "split": "train", "lo')  # a kill mid-write
     assert train.main(["--resume", str(tmp_path / "run" / "last.pt"), "--no-progress"]) == 0
     assert "its last line is cut short" in capsys.readouterr().err
-    assert [r["step"] for r in train.read_log(metrics) if r["split"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in checkpoints.read_log(metrics) if r["split"] == "train"] == [1, 2, 3, 4]
 
 
 # ----- the seed's Python call -----------------------------------------------------------------
@@ -716,6 +720,6 @@ def test_run_train_is_the_seeds_call_over_train(tmp_path, tiny_gpt2_dir):
                               checkpoint_dir=str(tmp_path / "run"), val_size=4, test_size=4, max_length=48, max_prompt_length=24,
                               dtype="float32", progress=False)
     assert summary["step"] == 8  # 8 pairs / 2 a batch x 2 epochs
-    saved = train.load_checkpoint(str(tmp_path / "run" / "last.pt"))["config"]
+    saved = checkpoints.load_checkpoint(str(tmp_path / "run" / "last.pt"))["config"]
     assert (saved["model"], saved["data"], saved["num_examples"], saved["epochs"], saved["beta"], saved["warmup_steps"],
             saved["early_stop_patience"]) == (tiny_gpt2_dir, data, 8, 2, 0.2, 1, 3)
