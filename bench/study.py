@@ -52,7 +52,8 @@ RUNS = {  # name -> the flags that differ from the defaults; the first is the de
 def run(name: str, flags: list[str]) -> dict:
     """One full run in its own process; its summary read back from the files it left."""
     folder = STUDY / name
-    command = [sys.executable, "train.py", "--beta", "0.1", *flags, "--checkpoint-dir", str(folder), "--no-progress"]
+    beta = [] if "--beta" in flags else ["--beta", "0.1"]  # the README's command, unless the run changes beta
+    command = [sys.executable, "train.py", *beta, *flags, "--checkpoint-dir", str(folder), "--no-progress"]
     if (folder / "last.pt").exists():  # stopped half way: continue it
         command = [sys.executable, "train.py", "--resume", str(folder / "last.pt"), "--no-progress"]
     started = time.time()
@@ -119,7 +120,7 @@ def main() -> None:
     done = {r["name"]: r for r in map(json.loads, results_file.read_text().splitlines())} if results_file.exists() else {}
     for name in ([] if args.table else args.only or list(RUNS)):
         if name not in done:
-            print(f"{name}: python train.py --beta 0.1 {' '.join(RUNS[name])}", file=sys.stderr, flush=True)
+            print(f"{name}: python train.py {' '.join(RUNS[name]) or '--beta 0.1'}", file=sys.stderr, flush=True)
             done[name] = run(name, RUNS[name])
             with open(results_file, "a") as f:
                 f.write(json.dumps(done[name]) + "\n")
