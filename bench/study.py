@@ -120,7 +120,8 @@ def main() -> None:
     done = {r["name"]: r for r in map(json.loads, results_file.read_text().splitlines())} if results_file.exists() else {}
     for name in ([] if args.table else args.only or list(RUNS)):
         if name not in done:
-            print(f"{name}: python train.py {' '.join(RUNS[name]) or '--beta 0.1'}", file=sys.stderr, flush=True)
+            beta = "" if "--beta" in RUNS[name] else "--beta 0.1 "
+            print(f"{name}: python train.py {beta}{' '.join(RUNS[name])}", file=sys.stderr, flush=True)
             done[name] = run(name, RUNS[name])
             with open(results_file, "a") as f:
                 f.write(json.dumps(done[name]) + "\n")
