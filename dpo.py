@@ -31,10 +31,11 @@ LOSS_TYPES = ("sigmoid", "ipo")
 # ---------------------------------------------------------------------------------------
 
 class SequenceLogps(NamedTuple):
-    """Per-sequence log-probabilities of the response tokens."""
+    """Per-sequence log-probabilities of the response tokens, and the terms they sum."""
     sum: Tensor    # (B,) log pi(y|x) = sum_t log pi(y_t | x, y_<t)   (what DPO uses)
     mean: Tensor   # (B,) sum / count                                  (what IPO uses)
     count: Tensor  # (B,) number of response tokens scored
+    tokens: Tensor | None = None  # (B, L) log pi(y_t | x, y_<t), 0 where not scored: the terms of sum, in order
 
 
 def next_token_targets(input_ids: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -108,11 +109,12 @@ class ChunkedTokenLogps(torch.autograd.Function):
 
 
 def reduce_logps(per_token_logps: Tensor, target_mask: Tensor) -> SequenceLogps:
-    """Masked sum, mean and count over the time axis: (B, T) -> three (B,) tensors."""
+    """Masked sum, mean and count over the time axis: (B, T) -> three (B,) tensors, and the
+    masked (B, T) terms themselves (what a per-token reward is made of)."""
     per_token_logps = per_token_logps.masked_fill(~target_mask, 0.0)  # masked positions may hold anything
     total = per_token_logps.sum(-1)
     count = target_mask.sum(-1)
-    return SequenceLogps(total, total / count.clamp(min=1), count)
+    return SequenceLogps(total, total / count.clamp(min=1), count, per_token_logps)
 
 
 def sequence_logps(logits: Tensor, input_ids: Tensor, response_mask: Tensor) -> SequenceLogps:

@@ -58,7 +58,7 @@ class Scorer(nn.Module):
         self.model = model
 
     def forward(self, *tensors: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # data.Batch's tensors, index last
-        return tuple(models.batch_logps(self.model, data.Batch(*tensors)))
+        return tuple(models.batch_logps(self.model, data.Batch(*tensors)))[:3]  # sum, mean, count: what a loss reads
 
 
 def loss_logps(logps: dpo.SequenceLogps, loss_type: str) -> Tensor:

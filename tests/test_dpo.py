@@ -53,6 +53,20 @@ def test_logps_equal_a_naive_per_token_loop(batch):
 
 
 @SETTINGS
+@given(batches())
+def test_the_per_token_terms_are_the_naive_loops_and_sum_to_the_sequence_logp(batch):
+    """SequenceLogps.tokens: log pi(y_t | x, y_<t) at each scored target, 0 elsewhere; their sum
+    is the sequence's log-prob itself, so a per-token reward adds up to the reward DPO uses."""
+    logits, ids, mask = batch
+    result = dpo.sequence_logps(logits, ids, mask)
+    targets = mask[:, 1:]
+    assert torch.equal(result.tokens.sum(-1), result.sum) and not result.tokens[~targets].any()
+    for b, t in targets.nonzero().tolist():  # target t + 1, predicted by the logits at t
+        expected = torch.log_softmax(logits[b, t].double(), -1)[ids[b, t + 1]]
+        torch.testing.assert_close(result.tokens[b, t].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@SETTINGS
 @given(batches(), st.integers(0, 2**31 - 1))
 def test_padding_never_changes_logps(batch, seed):
     """Changing logits or ids anywhere a token is not scored changes nothing."""

@@ -226,6 +226,7 @@ def test_logps_from_response_hidden_states_equal_full_logits(tokenizer):
         full = dpo.sequence_logps(logits, batch.input_ids, batch.response_mask)
     torch.testing.assert_close(fast.sum, full.sum, rtol=1e-5, atol=1e-4)
     assert torch.equal(fast.count, full.count)
+    torch.testing.assert_close(fast.tokens, full.tokens, rtol=1e-5, atol=1e-4)  # term by term, in order
 
 
 def test_loaded_model_has_no_dropout_so_policy_equals_reference_at_step_zero(tiny_gpt2_dir, tokenizer):
