@@ -202,8 +202,8 @@ def held_out_pairs(checkpoint: dict, path: str) -> list[data.Pair]:
     splits = split_data_of(saved)
     name = "test" if saved.test_size else "validation"
     if not saved.test_size:
-        cli.say(f"{path} has no test split (an older train.py wrote it): its validation pairs instead, on which its "
-                f"best.pt was chosen")
+        cli.say(f"{path} has no test split (--test-size 0, or an older train.py): its validation pairs instead, on "
+                f"which its best.pt was chosen")
     check_same_data(checkpoint, path, lambda: data_sha256_of(saved, {name: getattr(splits, name)}))
     return getattr(splits, name)
 
@@ -329,6 +329,19 @@ def check_resume_fits(checkpoint: dict, path: str, total_steps: int, world_size:
     saved_on = "cuda" if checkpoint["rng"][0]["cuda"] is not None else "cpu"
     if saved_on != device.type:
         raise ValueError(f"{path} was trained on {saved_on}, not {device.type}: its random state cannot continue there")
+
+
+def move_run_files(source: Path, run_dir: Path) -> None:
+    """A run resumed into another --checkpoint-dir takes its best.pt and metrics log along, so
+    that its test score is of its own best.pt and its log is whole (the old folder stays as it was)."""
+    if source.resolve() == run_dir.resolve():
+        return
+    for name in ("best.pt", "metrics.jsonl"):
+        if (source / name).exists():
+            temporary = run_dir / f"{name}.tmp"
+            with writing(run_dir / name):
+                temporary.write_bytes((source / name).read_bytes())
+                os.replace(temporary, run_dir / name)  # all or nothing, as save_atomic
 
 
 def refuse_used_folder(run_dir: Path) -> None:

@@ -256,8 +256,8 @@ def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.dev
     initial_adapters: A and B to start from (init_adapters_of) instead of LoRA's own init."""
     announce = cli.say if rank == 0 else lambda _: None
     run_dir = Path(config.checkpoint_dir)
-    if not config.resume:
-        checkpoints.refuse_used_folder(run_dir)
+    if not config.resume or Path(config.resume).parent.resolve() != run_dir.resolve():
+        checkpoints.refuse_used_folder(run_dir)  # a resumed run may move to a new folder, not into another run's
     with checkpoints.writing(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)  # the same LoRA init on every rank
@@ -308,8 +308,9 @@ def tokenized_splits(config: TrainConfig, model: nn.Module, tokenizer, splits: d
     if positions is not None and config.max_length > positions:
         raise ValueError(f"--max-length {config.max_length} exceeds the model's {positions} positions")
     items = [data.tokenize_pairs(pairs, tokenizer, config.max_length, config.max_prompt_length, dropped) for pairs in splits]
-    if len(items[0]) < global_batch or not items[1]:
-        raise DataError(f"too few usable pairs: {len(items[0])} train, {len(items[1])} validation (dropped: {dropped})")
+    if len(items[0]) < global_batch or not items[1] or (config.test_size and not items[2]):
+        raise DataError(f"too few usable pairs: {len(items[0])} train, {len(items[1])} validation, {len(items[2])} test "
+                        f"(dropped: {dropped})")
     return items
 
 
@@ -368,6 +369,7 @@ def restore(run: Run, checkpoint: dict) -> RunState:
     ranks.set_rng_state(checkpoint["rng"][run.rank], run.device)
     state = RunState(**checkpoint["state"])
     if run.is_main:
+        checkpoints.move_run_files(Path(run.config.resume).parent, run.run_dir)  # its best.pt and log go on there
         checkpoints.truncate_metrics(run.run_dir / "metrics.jsonl", state.step)  # rows a crash wrote after its last checkpoint
         cli.say(f"resumed from {run.config.resume} at step {state.step} of {run.total_steps}")
     return state

@@ -88,13 +88,20 @@ def table(results: list[dict]) -> str:
 
 
 def score(path: str, test_size: int = 200) -> None:
-    """A checkpoint's adapters on its run's validation and test pairs, as train.py splits them
-    today: for a checkpoint written before the test split (test_size 0), the test pairs it would
-    have had, which its run never trained on nor chose on (the shuffle's last pairs)."""
+    """A DPO checkpoint's adapters on its run's validation and test pairs, as train.py splits
+    them today. A checkpoint without a test split (--test-size 0, or older) gets the shuffle's
+    last test_size pairs, checked: refused if its run trained on any of them (it may have, with
+    --num-examples 0)."""
     checkpoint = checkpoints.load_checkpoint(path)
     config = settings.config_from_dict(checkpoint["config"])
+    if config.loss_type == "sft":
+        raise SystemExit(f"{path} is an SFT run: it has no reward accuracy to score")
+    trained_on = {pair.prompt for pair in checkpoints.split_data_of(config).train}
     config = dataclasses.replace(config, test_size=config.test_size or test_size)
     splits = checkpoints.split_data_of(config)
+    if overlap := sum(pair.prompt in trained_on for pair in splits.test):
+        raise SystemExit(f"{path}: its run trained on {overlap} of the {len(splits.test)} pairs that would be its test "
+                         f"pairs: no test figure can be made for it")
     model, tokenizer = checkpoints.load_policy(checkpoint, models.with_measured_dtype(config, torch.device("cpu"), 1, print).dtype)
     collate = models.collate_function(config, model, tokenizer.pad_token_id)
     for name in ("validation", "test"):
