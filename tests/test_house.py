@@ -4,7 +4,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ROOMS = {path.stem: path for path in ROOT.glob("*.py")}
-PROGRAMS = {"train", "judge", "export"}  # what a user runs; the rest are the rooms they import
+PROGRAMS = {"train", "judge", "export", "report"}  # what a user runs; the rest are the rooms they import
 
 
 def our_imports(path: Path) -> set[str]:
