@@ -166,12 +166,12 @@ def answer_html(label: str, pieces: list[Span], reward: float, scale: float) -> 
     return f'<div class="answer"><b>{label}</b> (reward {reward:+.3f})<div>{tokens}</div></div>'
 
 
-def pair_html(pair: ScoredPair, scale: float) -> str:
+def pair_html(pair: ScoredPair, scale: float, split: str) -> str:
     prompt_end = pair.prompt[-300:]
     folded = (f"<details><summary>the prompt's start ({len(pair.prompt) - 300} characters)</summary>"
               f"<pre>{html.escape(pair.prompt[:-300])}</pre></details>" if len(pair.prompt) > 300 else "")
     verdict = "ranks it as people did" if pair.margin > 0 else "ranks it against people"
-    return (f'<div class="pair" data-pair="{pair.index}"><p>test pair {pair.index}: margin {pair.margin:+.3f}, the model '
+    return (f'<div class="pair" data-pair="{pair.index}"><p>{split} pair {pair.index}: margin {pair.margin:+.3f}, the model '
             f"{verdict}</p>{folded}<pre>{html.escape(prompt_end)}</pre><div class=\"answers\">"
             f"{answer_html('chosen (people preferred)', pair.chosen, pair.chosen_reward, scale)}"
             f"{answer_html('rejected', pair.rejected, pair.rejected_reward, scale)}</div></div>")
@@ -207,7 +207,8 @@ def write_report(run_dir: str | Path, pair_count: int = 9) -> Path:
     pairs = checkpoints.held_out_pairs(best, str(run_dir / "best.pt"))
     scored = score_pairs(best, pairs)
     scale = max((abs(span.reward) for pair in scored for span in pair.chosen + pair.rejected), default=1.0)
-    sections = "".join(f"<h3>{html.escape(title)}</h3>" + "".join(pair_html(pair, scale) for pair in chosen)
+    split = "test" if config.test_size else "validation"  # an older run has no test split (held_out_pairs says so)
+    sections = "".join(f"<h3>{html.escape(title)}</h3>" + "".join(pair_html(pair, scale, split) for pair in chosen)
                        for title, chosen in chosen_for_report(scored, pair_count).items())
     curves = run_dir / "curves.png"
     image = (f'<img alt="training curves" src="data:image/png;base64,{base64.b64encode(curves.read_bytes()).decode()}">'
@@ -218,7 +219,7 @@ def write_report(run_dir: str | Path, pair_count: int = 9) -> Path:
             f"{html.escape(config.data)}, best.pt at step {best['step']} of {max(row['step'] for row in rows)}.</p>"
             f"<h2>Settings that differ from the defaults</h2>{settings_html(config)}"
             f"<h2>How it learned</h2>{image}{figures_html(rows)}"
-            f"<h2>The implicit reward, token by token, on test pairs</h2><p class=\"legend\">Each token coloured by "
+            f"<h2>The implicit reward, token by token, on {split} pairs</h2><p class=\"legend\">Each token coloured by "
             f"beta &middot; (log &pi; &minus; log &pi;<sub>ref</sub>): <span style=\"background:{colour(scale, scale)}\">"
             f"+{scale:.3f}</span> <span style=\"background:{colour(0, scale)}\">0</span> "
             f"<span style=\"background:{colour(-scale, scale)}\">&minus;{scale:.3f}</span>; an answer's reward is the "
