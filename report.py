@@ -50,7 +50,7 @@ class Span:
 @dataclass
 class ScoredPair:
     """One test pair with its answers' per-token implicit rewards."""
-    index: int                # in the run's test split
+    index: int                # in the pairs held_out_pairs gives: the test split (an older run: validation)
     prompt: str
     chosen: list[Span]
     rejected: list[Span]
