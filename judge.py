@@ -40,10 +40,8 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import asdict, dataclass
 
-import torch
 from tqdm import tqdm
 
 import checkpoints
@@ -54,6 +52,7 @@ import models
 import settings
 from dpo import wilson_interval  # how sure a measured share is: a win rate here, reward accuracy in train.py
 from llama_judge import Judge, JudgeDied, JudgeProcess, LlamaJudge  # Judge: LlamaJudge, or any function (tests)
+from sampling import generate_answers  # the answers judged: batched, seeded per batch
 
 JUDGE_REPO = "TheBloke/Llama-2-7b-Chat-GGUF"  # the seed's judge, on the Hugging Face Hub...
 JUDGE_FILE = "llama-2-7b-chat.Q4_K_M.gguf"     # ...as a 4-bit GGUF file (4.1 GB)
@@ -97,60 +96,8 @@ class JudgeConfig:
 
 
 # ---------------------------------------------------------------------------------------
-# 1. Answers
+# 1. Answers: sampling.generate_answers, logged as made (JudgementLog, below)
 # ---------------------------------------------------------------------------------------
-
-def cut_at_eos(token_ids: list[int], stop_ids: list[int]) -> list[int]:
-    """The tokens before the first EOS (or other stop id: a chat template's end of turn).
-    generate() pads finished rows with pad, which can be EOS."""
-    return next((token_ids[:i] for i, token in enumerate(token_ids) if token in stop_ids), token_ids)
-
-
-@torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float,
-                     batch_size: int = 8, seed: int = 0, wanted: set[int] | None = None,
-                     desc: str = "answers") -> Iterator[tuple[int, str]]:
-    """(position, answer) for the prompts of every batch that holds a wanted position (default:
-    all): only the new tokens, up to EOS.
-
-    The batches are fixed, batch k = prompts[k*B : (k+1)*B], and batch k samples under its own
-    seed, from (seed, k): an answer depends on the seed and its batch, never on what was
-    generated before. So a resumed run that regenerates a batch gets the answers an
-    uninterrupted run got, and the base, SFT and DPO models draw the same random numbers.
-
-    Prompts are left-padded so that each ends where generation starts; generate() takes the
-    position ids from the attention mask, which GPT-2's absolute positions need (docs/PITFALLS.md 4).
-    A prompt too long for the context keeps its last tokens (docs/PITFALLS.md 11). An answer ends
-    at EOS, at the end of an assistant's turn in the model's own chat template (its markup
-    never reaches the judge), or where the model starts writing the human's next turn.
-    """
-    max_prompt_tokens = model.config.max_position_embeddings - max_new_tokens
-    if max_prompt_tokens < 1:
-        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the "
-                         f"model's {model.config.max_position_embeddings} positions")
-    tokenizer.truncation_side = "left"  # keep the end of the dialogue: the question being answered
-    turn_end = data.assistant_turn_end(data.chat_renderer(tokenizer))  # the model's own end of a turn, if any
-    turn_end_ids = tokenizer(turn_end.strip(), add_special_tokens=False).input_ids if turn_end.strip() else []
-    stop_ids = [tokenizer.eos_token_id, *(turn_end_ids if len(turn_end_ids) == 1 else [])]  # EOS, or the turn's end
-    sampling = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)  # plain temperature sampling,
-                if temperature > 0 else dict(do_sample=False))                     # whatever the model's defaults
-    wanted = set(range(len(prompts))) if wanted is None else wanted
-    with tqdm(total=len(wanted), desc=desc, disable=not wanted) as progress:
-        for start in range(0, len(prompts), batch_size):
-            positions = range(start, min(start + batch_size, len(prompts)))
-            if wanted.isdisjoint(positions):
-                continue
-            torch.manual_seed(seed * 1_000_003 + start // batch_size)  # distinct for every (seed, batch) a run meets
-            batch = tokenizer([prompts[i] for i in positions], padding=True, padding_side="left", truncation=True,
-                              max_length=max_prompt_tokens, return_tensors="pt",  # (B, T); a chat template's BOS once
-                              add_special_tokens=not data.starts_with_bos(prompts[start], tokenizer)).to(model.device)
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=stop_ids, **sampling)  # (B, T + new)
-            texts = [tokenizer.decode(cut_at_eos(new_tokens, stop_ids), skip_special_tokens=True)
-                     for new_tokens in output[:, batch["input_ids"].shape[1]:].tolist()]  # (new,) the answer only
-            progress.update(len(wanted.intersection(positions)))  # before yielding: the caller may stop reading
-            yield from zip(positions, (data.plain_answer(text, turn_end) for text in texts))
-
 
 # ---------------------------------------------------------------------------------------
 # 2. Verdicts
@@ -214,7 +161,8 @@ def outcome(preference: float, tie_margin: float) -> str:
 class JudgementLog:
     """A JSONL file: a header {"kind": "header", ...} with what its answers and verdicts depend
     on (run_header), then records {"kind": "answer"|"judgement", ...}, indexed by (kind, model
-    or comparison, prompt_id). --resume continues a log only if its header is this run's."""
+    or comparison, prompt_id), and at its end {"kind": "summary", "report": what judge.py printed}.
+    --resume continues a log only if its header is this run's."""
 
     def __init__(self, path: str, header: dict, resume: bool):
         self.path, self.header = path, {"kind": "header", **header}
@@ -231,6 +179,8 @@ class JudgementLog:
         self.file = None  # opened at the first record: a run that fails before it leaves an older log as it was
 
     def index(self, record: dict) -> None:
+        if record["kind"] == "summary":  # the report of a run that got to its end; a resumed one writes its own
+            return
         self.records[(record["kind"], record.get("model") or record["comparison"], record["prompt_id"])] = record
 
     def find(self, kind: str, name: str, prompt_id: int, prompt: str) -> dict | None:
@@ -502,8 +452,11 @@ def evaluate(config: JudgeConfig, judge: Judge | None = None) -> dict[str, Compa
             for x, y in compared}
         items["sanity"] = [(i, pair.prompt, data.without_turn_end(pair.chosen, turn_end), data.without_turn_end(pair.rejected, turn_end))
                            for i, pair in enumerate(pairs[:config.sanity])]
-        return {name: summarise(name, judge_comparison(judge, name, items[name], judgements, config.tie_margin), config.tie_margin)
-                for name in items if items[name]}
+        results = {name: summarise(name, judge_comparison(judge, name, items[name], judgements, config.tie_margin),
+                                   config.tie_margin) for name in items if items[name]}
+        judgements.append({"kind": "summary", "report": report(results),  # what judge.py prints, for report.py
+                           "results": {name: asdict(result) for name, result in results.items()}})
+        return results
 
 
 def run_eval(model_name: str = settings.HUB_MODEL, dataset: str = data.HUB_DATASET, num_test_questions: int = 5,

@@ -40,6 +40,7 @@ import dpo
 import lora
 import models
 import ranks
+import report_page
 import settings
 from data import HUB_DATASET, DataError
 from settings import HUB_MODEL, TrainConfig  # the run's settings; train.TrainConfig too
@@ -140,17 +141,25 @@ def mean_metrics(result: dpo.PreferenceLoss | dpo.SupervisedLoss) -> dict:
 
 @torch.no_grad()
 def validation_metrics(model: nn.Module, items: list[data.TokenizedPair], reference: ReferenceCache,
-                       config: TrainConfig, collate: typing.Callable[[list, list], data.Batch]) -> dict:
+                       config: TrainConfig, collate: typing.Callable[[list, list], data.Batch],
+                       per_pair: bool = False) -> dict:
     """Validation metrics over all held-out pairs (pairs weighted equally). Batches of pairs of
-    similar length: the order of a mean does not matter, and padding is wasted work."""
+    similar length: the order of a mean does not matter, and padding is wasted work.
+    per_pair: also "pair_rewards", [r(x, y_w), r(x, y_l)] of every pair in the order of items
+    (the report picks the pairs it shows by their margins)."""
     order = sorted(range(len(items)), key=lambda i: data.padded_length(items[i]))
     results = []
     for start in range(0, len(items), config.batch_size):
         index = order[start:start + config.batch_size]
         batch = data.to_device(collate([items[i] for i in index], index), model.device)
         results.append(compute_loss(model, batch, reference, config))
-    metrics = mean_metrics(type(results[0]).concatenate(results))
+    result = type(results[0]).concatenate(results)
+    metrics = mean_metrics(result)
     metrics["n"] = len(items)
+    if per_pair and isinstance(result, dpo.PreferenceLoss):
+        rewards = torch.stack([result.chosen_rewards, result.rejected_rewards], dim=-1)  # (N, 2), in `order`
+        metrics["pair_rewards"] = [[round(value, 6) for value in row]
+                                   for row in rewards[torch.tensor(order).argsort()].tolist()]  # back in items' order
     return metrics
 
 
@@ -222,6 +231,7 @@ class Run:
     test_items: list[data.TokenizedPair]  # scored once, by test_score at the end: nothing before reads them
     dropped: dict                        # reason -> pairs dropped
     model: nn.Module
+    tokenizer: typing.Any                # the model's tokenizer (the report decodes its tokens)
     collate: typing.Callable[[list, list], data.Batch]  # (items, index) -> a batch: collate_function
     lora_config: lora.LoRAConfig
     sft_stage: dict | None               # the SFT run this one starts from (sft_stage_of), saved in its checkpoints
@@ -295,7 +305,7 @@ def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.dev
     if config.test_size:
         fingerprints["test"] = data.fingerprint(test_items)
     collate = models.collate_function(config, model, tokenizer.pad_token_id, announce)
-    return Run(config, rank, world_size, device, run_dir, train_items, val_items, test_items, dropped, model, collate,
+    return Run(config, rank, world_size, device, run_dir, train_items, val_items, test_items, dropped, model, tokenizer, collate,
                lora_config, sft_stage, scorer, optimizer, ReferenceCache(len(train_items)), ReferenceCache(len(val_items)),
                batches_per_epoch, total_steps, fingerprints)
 
@@ -438,6 +448,7 @@ def train(config: TrainConfig) -> dict:
     (batch_size pairs per rank), DDP averages the adapters' gradients, and rank 0 alone
     logs, validates and writes checkpoints.
     """
+    began = time.time()  # the run's wall time, loading included (its "run" row)
     if config.threads:
         torch.set_num_threads(config.threads)
     rank, world_size, device = ranks.setup_distributed()
@@ -487,12 +498,24 @@ def train(config: TrainConfig) -> dict:
                 metrics_file.close()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
-    return finish(run, state, interrupted, seconds=time.time() - started)
+    return finish(run, state, interrupted, seconds=time.time() - started, began=began)
 
 
-def finish(run: Run, state: RunState, interrupted: bool, seconds: float) -> dict:
+def stop_reason(run: Run, state: RunState, interrupted: bool) -> str:
+    """Why the loop ended, in words, for the log and the report."""
+    if interrupted:
+        return f"interrupted at step {state.step} (Ctrl-C or SIGTERM); --resume continues it"
+    if state.stopped_early:
+        return f"early stopping: {state.evals_without_improvement} validations without a lower validation loss"
+    if run.config.max_steps is not None and state.step >= run.config.max_steps:
+        return f"--max-steps {run.config.max_steps} reached"
+    return f"all {run.config.epochs} epoch(s) done ({state.step} steps)"
+
+
+def finish(run: Run, state: RunState, interrupted: bool, seconds: float, began: float) -> dict:
     """The run's summary; rank 0 also scores best.pt on the test pairs (a finished run only),
-    plots the curves and says how it ended."""
+    plots the curves, logs the session's wall time and why it stopped (a "run" row), writes
+    report.html (a finished run) and says how it ended."""
     run.model.eval()
     test_metrics = None
     if run.is_main:
@@ -502,8 +525,13 @@ def finish(run: Run, state: RunState, interrupted: bool, seconds: float) -> dict
         elif run.test_items:
             test_metrics = test_score(run)
         checkpoints.plot_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
+        with checkpoints.writing(run.run_dir / "metrics.jsonl"), open(run.run_dir / "metrics.jsonl", "a") as metrics_file:
+            checkpoints.write_metrics(metrics_file, {"step": state.step, "split": "run", "stopped": stop_reason(run, state, interrupted),
+                                                     "seconds": round(time.time() - began, 1)})
         cli.say(f"done in {seconds:.0f} s, step {state.step}; best validation loss {state.best_val_loss:.4f}; "
                 f"last validation: {format_metrics(state.val_metrics)}")
+        if not interrupted and run.config.loss_type != "sft":
+            write_report(run)
     return {"step": state.step, "val_metrics": state.val_metrics, "best_val_loss": state.best_val_loss,
             "test_metrics": test_metrics, "stopped_early": state.stopped_early, "interrupted": interrupted,
             "dropped": run.dropped, "checkpoint_dir": str(run.run_dir)}
@@ -515,14 +543,30 @@ def test_score(run: Run) -> dict:
     Logged as a "split": "test" row at best.pt's step, with a 95% interval on reward accuracy."""
     best = checkpoints.load_checkpoint(str(run.run_dir / "best.pt"))
     lora.load_adapter_state_dict(run.model, best["adapters"])
-    metrics = validation_metrics(run.model, run.test_items, ReferenceCache(len(run.test_items)), run.config, run.collate)
+    metrics = validation_metrics(run.model, run.test_items, ReferenceCache(len(run.test_items)), run.config, run.collate,
+                                 per_pair=True)
     if "reward_accuracy" in metrics:  # Wilson's interval: a share of n pairs ranked as people did
         metrics["reward_accuracy_interval"] = list(dpo.wilson_interval(round(metrics["reward_accuracy"] * metrics["n"]),
                                                                         metrics["n"]))
     with checkpoints.writing(run.run_dir / "metrics.jsonl"), open(run.run_dir / "metrics.jsonl", "a") as metrics_file:
-        checkpoints.write_metrics(metrics_file, {"step": best["step"], "split": "test", "checkpoint": "best.pt", **metrics})
+        checkpoints.write_metrics(metrics_file, {"step": best["step"], "split": "test", "checkpoint": "best.pt", **metrics,
+                                                 "pairs_sha256": data.fingerprint(run.test_items)})  # whose pair_rewards
     cli.say(f"test ({metrics['n']} pairs nothing was chosen on), best.pt of step {best['step']}: {format_metrics(metrics)}")
     return metrics
+
+
+def write_report(run: Run) -> None:
+    """report.html from the model in memory (best.pt's adapters, put on by test_score), its pairs
+    picked by the test row's per-pair rewards: seconds, not a second pass over the test pairs.
+    A report that fails costs the run nothing: one line says why and how to make it again."""
+    began = time.time()
+    try:
+        path = report_page.write_report(run.run_dir, policy=(run.model, run.tokenizer), samples=0)
+    except (OSError, ValueError, RuntimeError) as error:
+        cli.say(f"report not written ({error}); make it with: python report.py {run.run_dir}")
+        return
+    cli.say(f"report: {path} ({time.time() - began:.0f} s; how far the policy moved on its own samples: "
+            f"python report.py {run.run_dir} --samples 8)")
 
 
 def format_metrics(metrics: dict) -> str:

@@ -46,6 +46,8 @@ RUNS = {  # name -> the flags that differ from the defaults; the first is the de
     "lr-1e-3": ["--lr", "1e-3"],
     "rank-16": ["--lora-r", "16", "--lora-alpha", "32"],
     "rank-4": ["--lora-r", "4", "--lora-alpha", "8"],
+    "seed-1": ["--seed", "1"],  # the spread: data order and LoRA init; the split stays (--split-seed)
+    "seed-2": ["--seed", "2"],
 }
 
 

@@ -25,6 +25,7 @@ import judge
 import llama_judge
 import lora
 import models
+import sampling
 import settings
 import train
 from conftest import gpt2_tokenizer, tiny_gpt2
@@ -591,7 +592,7 @@ def greedy_by_hand(model, tokenizer, prompt, max_new_tokens):
 
 @given(st.lists(st.integers(0, 50), max_size=12), st.lists(st.integers(0, 50), min_size=1, max_size=2))
 def test_an_answer_ends_before_the_first_eos_or_end_of_turn(ids, stop_ids):
-    cut = judge.cut_at_eos(ids, stop_ids)
+    cut = sampling.cut_at_eos(ids, stop_ids)
     assert not set(stop_ids) & set(cut) and ids[:len(cut)] == cut and (cut == ids or ids[len(cut)] in stop_ids)
 
 
@@ -637,7 +638,7 @@ def test_both_sides_of_a_comparison_are_plain_answer_text_cut_at_the_models_end_
 
 
 def answers_of(model, tokenizer, prompts, max_new_tokens, temperature, **options):
-    return [answer for _, answer in judge.generate_answers(model, tokenizer, prompts, max_new_tokens, temperature, **options)]
+    return [answer for _, answer in sampling.generate_answers(model, tokenizer, prompts, max_new_tokens, temperature, **options)]
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3])
@@ -756,7 +757,10 @@ def test_evaluate_logs_everything_and_resume_judges_nothing_again(checkpoint, ge
     monkeypatch.setattr(models, "load_model_and_tokenizer", no_generation)
     again = Counted(gemma_judge)
     assert judge.evaluate(dataclasses.replace(config, resume=True), judge=again) == results
-    assert again.calls == 0 and len(open(output).readlines()) == len(records)
+    resumed = [json.loads(line) for line in open(output)]
+    assert again.calls == 0 and resumed[:len(records)] == records and len(resumed) == len(records) + 1
+    assert resumed[-1]["kind"] == records[-1]["kind"] == "summary" and resumed[-1] == records[-1]  # what it printed, again
+    assert records[-1]["report"] == judge.report(results)
 
     assert judge.main([checkpoint, "--num-test-questions", "3", "--sanity", "2", "--max-new-tokens", "6",
                        "--output", output, "--resume", "--judge-context", "512"]) == 0

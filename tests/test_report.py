@@ -1,6 +1,11 @@
-"""report.py: the per-token implicit reward comes from the trainer's own numbers, the text
-pieces are the answer's text, and the page is one self-contained file."""
+"""The run report: the per-token implicit reward comes from the trainer's own numbers, the text
+pieces are the answer's text, the KL estimate is the policy's distance from its reference, judge.py's
+log shows as it printed, and a real browser renders one self-contained page that fetches nothing."""
+import json
 import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
 
 import pytest
 import torch
@@ -8,11 +13,15 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import checkpoints
 import data
+import judge
+import lora
 import models
 import report
+import report_page
 import train
 from conftest import gpt2_tokenizer
 from settings import config_from_dict
+from stand_in_judges import longer_is_better
 from test_train import synthetic_rows, tiny_config, write_jsonl
 
 
@@ -23,10 +32,17 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_gpt2_dir):
+    """A finished tiny run: train.py wrote its report.html at the end."""
     folder = tmp_path_factory.mktemp("report-run")
     data_file = write_jsonl(folder / "d.jsonl", synthetic_rows(24))
     train.train(tiny_config(data_file, tiny_gpt2_dir, folder / "run", epochs=2, test_size=6))
     return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def scoring(run_dir):
+    best = checkpoints.load_checkpoint(str(run_dir / "best.pt"))
+    return report_page.Scoring.of(best), checkpoints.held_out_pairs(best, "best.pt")
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -35,35 +51,167 @@ def test_the_coloured_pieces_joined_are_the_answers_text_and_keep_every_tokens_r
     """Byte-level BPE splits some characters over tokens: such tokens join one piece, rewards summed."""
     ids = tokenizer(text).input_ids
     rewards = torch.randn(len(ids), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    pieces = report.spans(tokenizer, ids, rewards)
+    pieces = report_page.spans(tokenizer, ids, rewards)
     assert "".join(piece.text for piece in pieces) == tokenizer.decode(ids)
     assert sum(piece.tokens for piece in pieces) == len(ids)
     assert sum(piece.reward for piece in pieces) == pytest.approx(rewards.sum().item(), abs=1e-9)
 
 
-def test_per_token_rewards_sum_to_the_rewards_validation_computes(run_dir):
-    best = checkpoints.load_checkpoint(str(run_dir / "best.pt"))
-    pairs = checkpoints.held_out_pairs(best, "best.pt")
-    scored = report.score_pairs(best, pairs)
+def validation_rewards(best, pairs):
+    """The rewards train.compute_loss gives the pairs: what validation and the test score compute."""
     config = config_from_dict(best["config"])
     model, tokenizer = checkpoints.load_policy(best)
     items = [data.tokenize_pair(pair, tokenizer, config.max_length, config.max_prompt_length) for pair in pairs]
     collate = models.collate_function(config, model, tokenizer.pad_token_id, lambda _: None)
     with torch.no_grad():
         result = train.compute_loss(model, collate(items, list(range(len(items)))), train.ReferenceCache(len(items)), config)
-    assert [pair.index for pair in scored] == list(range(len(items)))
-    chosen = torch.tensor([pair.chosen_reward for pair in scored])
-    rejected = torch.tensor([pair.rejected_reward for pair in scored])
-    torch.testing.assert_close(chosen, result.chosen_rewards, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(rejected, result.rejected_rewards, rtol=1e-5, atol=1e-5)
+    return result.chosen_rewards, result.rejected_rewards
+
+
+def test_per_token_rewards_sum_to_the_rewards_validation_computes(run_dir):
+    best = checkpoints.load_checkpoint(str(run_dir / "best.pt"))
+    pairs = checkpoints.held_out_pairs(best, "best.pt")
+    scored = report_page.score_pairs(best, pairs)
+    chosen, rejected = validation_rewards(best, pairs)
+    assert [pair.index for pair in scored] == list(range(len(pairs)))
+    torch.testing.assert_close(torch.tensor([pair.chosen_reward for pair in scored]), chosen, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor([pair.rejected_reward for pair in scored]), rejected, rtol=1e-5, atol=1e-5)
     for pair in scored:  # and the pieces shown add up to the answer's reward
         assert sum(span.reward for span in pair.chosen) == pytest.approx(pair.chosen_reward, abs=1e-9)
 
 
-def test_the_report_is_one_file_that_fetches_nothing_and_shows_every_chosen_pair(run_dir):
-    path = report.write_report(run_dir, pair_count=6)
+def test_the_end_of_run_test_score_logs_every_test_pairs_rewards_the_report_picks_by(run_dir):
+    """The report picks its pairs from the test row, not a second pass: those rewards are validation's."""
+    best = checkpoints.load_checkpoint(str(run_dir / "best.pt"))
+    rows = checkpoints.read_log(run_dir / "metrics.jsonl")
+    test_row = next(row for row in rows if row["split"] == "test")
+    chosen, rejected = validation_rewards(best, checkpoints.held_out_pairs(best, "best.pt"))
+    torch.testing.assert_close(torch.tensor(test_row["pair_rewards"]), torch.stack([chosen, rejected], -1),
+                               rtol=1e-4, atol=1e-5)
+    run_row = rows[-1]  # and the run's wall time and why it stopped
+    assert run_row["split"] == "run" and run_row["seconds"] > 0
+    assert run_row["stopped"] == f"all 2 epoch(s) done ({run_row['step']} steps)" and run_row["step"] == rows[-3]["step"]
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.text(alphabet=st.sampled_from(list("abcdé .!?")), min_size=1, max_size=20), min_size=1, max_size=4),
+       st.integers(0, 5))
+def test_the_kl_estimate_is_zero_with_the_adapters_off_and_not_with_them_on(scoring, answers, first):
+    (scoring, pairs) = scoring
+    prompts = [pairs[(first + i) % len(pairs)].prompt for i in range(len(answers))]
+    with lora.adapters_disabled(scoring.model):  # the policy is its reference
+        off = scoring.drift(prompts, answers)
+    assert off.answers == len(answers) and off.tokens >= len(answers)
+    assert off.per_answer == 0.0 and off.per_token == 0.0
+    on = scoring.drift(prompts, answers)  # best.pt's adapters moved the model
+    assert on.tokens == off.tokens and on.per_answer != 0.0
+    assert on.per_token == pytest.approx(on.per_answer * on.answers / on.tokens)
+
+
+class Rendered(HTMLParser):
+    """The rendered DOM's pairs: {pair index: {side: the text of its token spans, joined}}."""
+
+    def __init__(self):
+        super().__init__()
+        self.pairs, self.stack, self.pair, self.side, self.in_token = {}, [], None, None, 0
+        self.sources = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.sources += [value for name, value in attrs.items() if name in ("src", "href", "srcset", "poster")]
+        if "data-pair" in attrs:
+            self.pair = int(attrs["data-pair"])
+            self.pairs[self.pair] = {}
+        if "data-side" in attrs and self.pair is not None:
+            self.side = attrs["data-side"]
+            self.pairs[self.pair][self.side] = []
+        if tag == "span" and attrs.get("class") == "tok":
+            self.in_token += 1
+
+    def handle_endtag(self, tag):
+        if tag == "span" and self.in_token:
+            self.in_token -= 1
+
+    def handle_data(self, text):
+        if self.in_token and self.pair is not None and self.side:
+            self.pairs[self.pair][self.side].append(text)
+
+
+def browser() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    assert found, "no Chromium: the README's test setup installs Debian's (apt-get install -y chromium)"
+    return found
+
+
+QUIET = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--disable-default-apps", "--no-first-run", "--disable-extensions"]
+
+
+def render(page, tmp_path) -> tuple[str, list[str]]:
+    """The DOM Chromium renders from a file, and the addresses it fetched for the page (its net
+    log's requests made in the page's file:// context, not the browser's own)."""
+    net_log = tmp_path / f"{page.stem}-net.json"
+    dom = subprocess.run([browser(), *QUIET, f"--log-net-log={net_log}", "--dump-dom", page.resolve().as_uri()],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    log = json.loads(net_log.read_text())
+    start = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    fetched = [event["params"]["url"] for event in log["events"] if event["type"] == start
+               and event.get("params", {}).get("network_isolation_key", "").startswith("file://")]
+    return dom, fetched
+
+
+def test_a_real_browser_renders_every_pairs_tokens_as_the_answers_text_and_fetches_nothing(run_dir, scoring, tmp_path):
+    control = tmp_path / "control.html"  # the check can fail: a page that does fetch
+    control.write_text('<img src="http://203.0.113.9/a.png"><link rel="stylesheet" href="https://example.invalid/s.css">')
+    assert sorted(render(control, tmp_path)[1]) == ["http://203.0.113.9/a.png", "https://example.invalid/s.css"]
+
+    page = run_dir / "report.html"  # as train.py wrote it at the end of the run
+    dom, fetched = render(page, tmp_path)
+    assert fetched == [] and "DPO run report" in dom
+    parsed = Rendered()
+    parsed.feed(dom)
+    assert all(source.startswith("data:") for source in parsed.sources) and parsed.sources  # the curves, inline
+    (scoring, pairs) = scoring
+    items, kept = scoring.tokenized(pairs)
+    assert len(parsed.pairs) == len(re.findall(r'data-pair="', page.read_text())) == min(9, len(items))  # all 6 here
+    for index, sides in parsed.pairs.items():
+        item = items[kept.index(index)]
+        assert "".join(sides["chosen"]) == scoring.tokenizer.decode(item.chosen_ids)
+        assert "".join(sides["rejected"]) == scoring.tokenizer.decode(item.rejected_ids)
+
+
+def test_judge_logs_show_side_by_side_with_the_verdicts_and_the_trust_line_judge_printed(run_dir, tmp_path):
+    log = run_dir / "judgements.jsonl"
+    results = judge.evaluate(judge.JudgeConfig(str(run_dir / "best.pt"), num_test_questions=2, sanity=2, max_new_tokens=6,
+                                               output=str(log)), judge=longer_is_better)
+    path = report_page.write_report(run_dir, pair_count=3)
     page = path.read_text()
-    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # styles and the curves inline
-    assert 'src="data:image/png;base64,' in page
-    assert len(re.findall(r'data-pair="\d+"', page)) >= 2 and 'class="tok"' in page
-    assert "test (best.pt)" in page  # the test figure, labelled by its split
+    records = checkpoints.read_log(log)
+    answers = [r for r in records if r["kind"] == "answer"]
+    for record in answers:  # every answer, with its length
+        assert f'data-model="{record["model"]}"' in page and f"({len(record['answer'].strip())} characters)" in page
+    assert len(re.findall(r'data-prompt="\d+"', page)) == 2
+    assert page.count("<tr><td>dpo_vs_base</td>") == page.count("<tr><td>dpo_vs_dataset</td>") == 2
+    trust = judge.report(results).splitlines()[-1]
+    assert trust.startswith("Judge agreement with people") and trust.replace("'", "&#x27;") in page
+    assert "the policy's own samples (2 answers of judgements.jsonl" in page  # the KL from the policy's answers
+    log.unlink()  # another run's log given by hand is refused in one line
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"kind": "header", "checkpoint_sha256": "0" * 64}) + "\n")
+    assert report.main([str(run_dir), "--judge-log", str(other)]) == 1
+
+
+def test_an_older_run_without_per_pair_rewards_is_scored_whole_and_a_missing_folder_is_one_line(run_dir, tmp_path, capsys):
+    rows = checkpoints.read_log(run_dir / "metrics.jsonl")
+    older = tmp_path / "older"
+    older.mkdir()
+    for name in ("best.pt", "curves.png"):
+        shutil.copy(run_dir / name, older / name)
+    (older / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in row.items() if k != "pair_rewards"}) + "\n"
+                                                 for row in rows if row["split"] != "run"))
+    messages = []
+    page = report_page.write_report(older, pair_count=3, say=messages.append).read_text()
+    assert messages == ["report: scoring all 6 test pairs (the run's log has no per-pair rewards of these pairs)"]
+    assert "not logged (a train.py from before Dec 2026)" in page and 'data-pair="' in page
+    assert report.main([str(tmp_path / "absent")]) == 1
+    assert capsys.readouterr().err.startswith("report.py: error: ")

@@ -292,9 +292,10 @@ def test_training_learns_and_writes_loadable_checkpoints(tmp_path, tiny_gpt2_dir
     assert all(torch.equal(t, lora.adapter_state_dict(model)[k]) for k, t in best["adapters"].items())
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0] == {**rows[0], "step": 0, "split": "val", "loss": pytest.approx(math.log(2)), "reward_accuracy": 0.5}
-    test_row = rows[-1]  # the last row: best.pt on the test pairs, once, with Wilson's interval
+    test_row, run_row = rows[-2:]  # best.pt on the test pairs, once, with Wilson's interval; the run's time
     assert test_row["split"] == "test" and test_row["step"] == best["step"] and test_row["n"] == 4
-    assert result["test_metrics"] == {k: v for k, v in test_row.items() if k not in ("step", "split", "checkpoint")}
+    assert result["test_metrics"] == {k: v for k, v in test_row.items() if k not in ("step", "split", "checkpoint", "pairs_sha256")}
+    assert run_row["split"] == "run" and run_row["step"] == result["step"] and (tmp_path / "run" / "report.html").exists()
     low, high = test_row["reward_accuracy_interval"]
     assert (low, high) == dpo.wilson_interval(round(4 * test_row["reward_accuracy"]), 4) and low <= test_row["reward_accuracy"] <= high
     assert [r["split"] for r in rows].count("test") == 1
@@ -324,7 +325,7 @@ def test_validation_and_early_stopping_never_see_the_test_pairs(tmp_path_factory
         if name == "swapped":
             config = dataclasses.replace(config, data=with_test_answers_swapped(original, config))
         summary = train.train(config)
-        rows = checkpoints.read_log(folder / name / "metrics.jsonl")
+        rows = [row for row in checkpoints.read_log(folder / name / "metrics.jsonl") if row["split"] != "run"]  # wall time
         runs.append((summary, rows, checkpoints.load_checkpoint(str(folder / name / "best.pt"))))
     (first, first_rows, first_best), (second, second_rows, second_best) = runs
     assert first_rows[:-1] == second_rows[:-1] and first["stopped_early"] == second["stopped_early"]
@@ -342,6 +343,9 @@ def test_a_run_resumed_into_another_folder_scores_its_own_best_pt_and_never_ente
     train.train(train.TrainConfig(resume=str(tmp_path / "a" / "last.pt"), checkpoint_dir=str(tmp_path / "b"), progress=False))
     rows = checkpoints.read_log(tmp_path / "b" / "metrics.jsonl")
     original = checkpoints.read_log(tmp_path / "a" / "metrics.jsonl")
+    sessions = [row for row in rows if row["split"] == "run"]  # the wall time of each: a's, then b's
+    assert len(sessions) == 2 and sessions[0] == original[-1] and rows[-1] == sessions[1]
+    rows, original = ([row for row in log if row["split"] != "run"] for log in (rows, original))
     assert rows == original  # the whole log, its test row of the same best.pt, once
     assert [row["split"] for row in rows].count("test") == 1
     assert rows[-1]["step"] == checkpoints.load_checkpoint(str(tmp_path / "b" / "best.pt"))["step"]
@@ -384,7 +388,7 @@ UNINTERRUPTED = {}  # stage -> the run that never stopped, trained once for all 
 
 
 def run_rows(run_dir):
-    return [(r["step"], r["split"], r["loss"]) for r in checkpoints.read_log(run_dir / "metrics.jsonl")]
+    return [(r["step"], r["split"], r["loss"]) for r in checkpoints.read_log(run_dir / "metrics.jsonl") if r["split"] != "run"]
 
 
 def stop_at(step, monkeypatch):
@@ -434,6 +438,9 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path_factory, 
     assert stopped["interrupted"] and stopped["step"] == stop_step
     assert train.main(["--resume", str(run / "last.pt"), "--no-progress"]) == 0
     assert run_rows(run) == uninterrupted["rows"] and uninterrupted["summary"]["step"] == 7
+    sessions = [(r["step"], r["stopped"]) for r in checkpoints.read_log(run / "metrics.jsonl") if r["split"] == "run"]
+    assert sessions == [(stop_step, f"interrupted at step {stop_step} (Ctrl-C or SIGTERM); --resume continues it"),
+                        (7, "--max-steps 7 reached")]  # each session's wall time, and why it stopped
     adapters = torch.load(run / "last.pt", weights_only=True)["adapters"]
     assert all(torch.equal(adapters[k], uninterrupted["adapters"][k]) for k in adapters)
 

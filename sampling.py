@@ -1,0 +1,66 @@
+"""Answers sampled from a model for prompts: batched, seeded per batch, cut at the end of the
+assistant's turn. judge.py's answers, and report.py's samples for how far the policy moved
+from its reference, come from here.
+
+Not here: judging the answers (judge.py) or scoring them (report_page.py).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+
+import data
+
+
+def cut_at_eos(token_ids: list[int], stop_ids: list[int]) -> list[int]:
+    """The tokens before the first EOS (or other stop id: a chat template's end of turn).
+    generate() pads finished rows with pad, which can be EOS."""
+    return next((token_ids[:i] for i, token in enumerate(token_ids) if token in stop_ids), token_ids)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float,
+                     batch_size: int = 8, seed: int = 0, wanted: set[int] | None = None,
+                     desc: str = "answers") -> Iterator[tuple[int, str]]:
+    """(position, answer) for the prompts of every batch that holds a wanted position (default:
+    all): only the new tokens, up to EOS.
+
+    The batches are fixed, batch k = prompts[k*B : (k+1)*B], and batch k samples under its own
+    seed, from (seed, k): an answer depends on the seed and its batch, never on what was
+    generated before. So a resumed run that regenerates a batch gets the answers an
+    uninterrupted run got, and the base, SFT and DPO models draw the same random numbers.
+
+    Prompts are left-padded so that each ends where generation starts; generate() takes the
+    position ids from the attention mask, which GPT-2's absolute positions need (docs/PITFALLS.md 4).
+    A prompt too long for the context keeps its last tokens (docs/PITFALLS.md 11). An answer ends
+    at EOS, at the end of an assistant's turn in the model's own chat template (its markup
+    never reaches the judge), or where the model starts writing the human's next turn.
+    """
+    max_prompt_tokens = model.config.max_position_embeddings - max_new_tokens
+    if max_prompt_tokens < 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the "
+                         f"model's {model.config.max_position_embeddings} positions")
+    tokenizer.truncation_side = "left"  # keep the end of the dialogue: the question being answered
+    turn_end = data.assistant_turn_end(data.chat_renderer(tokenizer))  # the model's own end of a turn, if any
+    turn_end_ids = tokenizer(turn_end.strip(), add_special_tokens=False).input_ids if turn_end.strip() else []
+    stop_ids = [tokenizer.eos_token_id, *(turn_end_ids if len(turn_end_ids) == 1 else [])]  # EOS, or the turn's end
+    sampling = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)  # plain temperature sampling,
+                if temperature > 0 else dict(do_sample=False))                     # whatever the model's defaults
+    wanted = set(range(len(prompts))) if wanted is None else wanted
+    with tqdm(total=len(wanted), desc=desc, disable=not wanted) as progress:
+        for start in range(0, len(prompts), batch_size):
+            positions = range(start, min(start + batch_size, len(prompts)))
+            if wanted.isdisjoint(positions):
+                continue
+            torch.manual_seed(seed * 1_000_003 + start // batch_size)  # distinct for every (seed, batch) a run meets
+            batch = tokenizer([prompts[i] for i in positions], padding=True, padding_side="left", truncation=True,
+                              max_length=max_prompt_tokens, return_tensors="pt",  # (B, T); a chat template's BOS once
+                              add_special_tokens=not data.starts_with_bos(prompts[start], tokenizer)).to(model.device)
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=stop_ids, **sampling)  # (B, T + new)
+            texts = [tokenizer.decode(cut_at_eos(new_tokens, stop_ids), skip_special_tokens=True)
+                     for new_tokens in output[:, batch["input_ids"].shape[1]:].tolist()]  # (new,) the answer only
+            progress.update(len(wanted.intersection(positions)))  # before yielding: the caller may stop reading
+            yield from zip(positions, (data.plain_answer(text, turn_end) for text in texts))
