@@ -212,13 +212,14 @@ def held_out_pairs(checkpoint: dict, path: str) -> list[data.Pair]:
 # The metrics log (and judge.py's, in the same format) and its curves
 # ---------------------------------------------------------------------------------------
 
-def read_log(path: Path | str, owner: str = "train.py's metrics") -> list[dict]:
+def read_log(path: Path | str, owner: str = "train.py's metrics", repair: bool = True) -> list[dict]:
     """The JSON objects of a JSONL log we append to, one a line (metrics.jsonl, judge.py's log).
 
     A kill during a write leaves a cut *last* line (no newline after it): it is dropped with one
     line of notice and cut from the file too, so that appending goes on from a fresh line; a
     last line whole but for its newline is kept and gets one. A bad line anywhere else is damage
-    we did not make: an error naming file:line.
+    we did not make: an error naming file:line. repair=False: a reader that appends nothing
+    (report.py) leaves the file as it is, for a writer may be appending to it now.
     """
     content = Path(path).read_bytes()
     *lines, tail = content.split(b"\n")  # tail: what follows the last newline, b"" in a whole file
@@ -228,9 +229,13 @@ def read_log(path: Path | str, owner: str = "train.py's metrics") -> list[dict]:
             rows.append(parse_log_line(path, len(lines) + 1, tail, owner))
             whole = content + b"\n"
         except ValueError:
+            if not repair:  # a line being written now, or cut: not a record yet
+                return rows
             cli.say(f"{path}: its last line is cut short ({len(tail)} bytes, not a whole record: a crash mid-write?); "
                     f"dropped it, resuming from the {len(rows)} whole lines before it")
             whole = content[:len(content) - len(tail)]
+        if not repair:
+            return rows
         temporary = f"{path}.tmp"
         with writing(path):
             Path(temporary).write_bytes(whole)

@@ -4,7 +4,7 @@ by token, how far the policy moved from its reference, and judge.py's answers si
 
     python report.py RUN_DIR                 # writes RUN_DIR/report.html (train.py writes it too, at the end)
     python report.py RUN_DIR --pairs 12      # 4 pairs ranked most confidently right, 4 wrong, 4 at random
-    python report.py RUN_DIR --samples 8     # the KL estimate from 8 answers sampled here (slow on a CPU)
+    python report.py RUN_DIR --samples 8     # the KL estimate from 8 answers sampled here (default 4; slow on a CPU)
     python report.py RUN_DIR --judge-log judgements.jsonl
 
 What the page holds and how each number is made: report_page.py.
@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.OneLineErrorParser(prog="report.py", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a train.py --checkpoint-dir (best.pt, metrics.jsonl)")
     parser.add_argument("--pairs", type=int, default=9, help="test pairs shown: a third most right, most wrong, random")
-    parser.add_argument("--samples", type=int, default=0,
-                        help="answers sampled from the policy for the KL estimate, when no judge.py log of best.pt has them "
+    parser.add_argument("--samples", type=int, default=4,
+                        help="answers sampled from the policy at temperature 1 for the KL estimate, one per test prompt "
                              "(0: none; slow on a CPU: up to 128 new tokens an answer)")
     parser.add_argument("--judge-log", nargs="*", default=[], help="judge.py logs of this run's checkpoints (those in "
                         "RUN_DIR and ./judgements.jsonl are found by themselves)")
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.time()
     try:
         path = report_page.write_report(args.run_dir, args.pairs, args.samples, args.judge_log)
-    except (FileNotFoundError, ValueError, checkpoints.WriteFailed) as error:
+    except (OSError, ValueError, checkpoints.WriteFailed) as error:  # a missing or unreadable file, a bad run
         print(f"report.py: error: {error}", file=sys.stderr)
         return 1
     cli.say(f"report: {path} ({time.time() - began:.0f} s)")

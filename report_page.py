@@ -164,14 +164,19 @@ class Scoring:
                                      rejected.sum().item()))
         return scored
 
-    def drift(self, prompts: list[str], answers: list[str]) -> Drift:
-        """log pi - log pi_ref on these answers, as training scores an answer (its end of turn
-        included: the chat template's, or EOS)."""
-        turn_end = data.assistant_turn_end(data.chat_renderer(self.tokenizer))
-        pairs = [data.Pair(prompt, answer + turn_end, answer + turn_end) for prompt, answer in zip(prompts, answers)]
-        items, _ = self.tokenized(pairs)
+    def drift(self, answers: list[sampling.Sampled]) -> Drift:
+        """log pi - log pi_ref on answers sampled from the policy, scored exactly as drawn: the
+        prompt ids generation saw, then every token drawn (its stop token included), through the
+        path that trains and validates; no cut to --max-length."""
+        items = [data.TokenizedPair(a.prompt_ids, a.answer_ids, a.answer_ids) for a in answers if a.answer_ids]
         terms = [chosen for chosen, _ in token_rewards(self.model, items, self.collate, 1.0, self.config.batch_size)]
         return Drift.of([t.sum().item() for t in terms], [len(t) for t in terms])
+
+    def sample_and_drift(self, prompts: list[str]) -> Drift:
+        """The KL estimate from one answer per prompt drawn from the policy at temperature 1
+        (adapters on, not merged: merging bf16 weights and back would round the reference)."""
+        tokens = min(SAMPLE_TOKENS, self.model.config.max_position_embeddings // 2)  # a small model: half its context
+        return self.drift(list(sampling.sample(self.model, self.tokenizer, prompts, tokens, 1.0, desc="report's samples")))
 
 
 def score_pairs(checkpoint: dict, pairs: list[data.Pair]) -> list[ScoredPair]:
@@ -194,8 +199,8 @@ def chosen_for_report(margins: list[float], count: int, seed: int = 0) -> dict[s
     wrong (most negative) and a few at random from the rest: count in all, a third each."""
     by_margin = sorted(range(len(margins)), key=lambda i: margins[i])
     third = max(1, count // 3)
-    right = by_margin[::-1][:third]
-    wrong = [i for i in by_margin[:third] if margins[i] < 0 and i not in right]
+    right = [i for i in by_margin[::-1][:third] if margins[i] > 0]
+    wrong = [i for i in by_margin[:third] if margins[i] < 0]
     rest = [i for i in range(len(margins)) if i not in right and i not in wrong]
     return {"ranked most confidently right": right, "ranked most confidently wrong": wrong,
             "at random": random.Random(seed).sample(rest, max(0, min(len(rest), count - len(right) - len(wrong))))}
@@ -226,6 +231,10 @@ def judge_logs(run_dir: Path, given: list[str]) -> list[JudgeLog]:
     the working directory (judge.py's default --output). A log is this run's when its header's
     checkpoint hash is that of a checkpoint in the folder; a given log that is not is an error."""
     own = {sha256_of(path): path.name for path in sorted(run_dir.glob("*.pt"))}
+    given_paths = {Path(p).resolve() for p in given}
+    missing = [p for p in given if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no judge.py log {missing[0]}")
     candidates = [Path(p) for p in given] + sorted(set(run_dir.glob("*.jsonl")) | {Path("judgements.jsonl")})
     logs, seen = [], set()
     for path in candidates:
@@ -233,12 +242,12 @@ def judge_logs(run_dir: Path, given: list[str]) -> list[JudgeLog]:
             continue
         seen.add(path.resolve())
         try:
-            records = checkpoints.read_log(path, "judge.py")
+            records = checkpoints.read_log(path, "judge.py", repair=False)  # judge.py may be appending to it now
         except ValueError:
             records = []
         header = records[0] if records and records[0].get("kind") == "header" else None
         if header is None or header.get("checkpoint_sha256") not in own:
-            if str(path) in given:
+            if path.resolve() in given_paths:
                 raise ValueError(f"{path} is not a judge.py log of a checkpoint in {run_dir}")
             continue
         answers = [r for r in records if r.get("kind") == "answer"]
@@ -268,6 +277,7 @@ details summary { cursor: pointer; color: #555; } img { max-width: 100%; height:
 # The browser may load nothing from anywhere: the page's own styles, and pictures written into it.
 POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 PROMPT_SHOWN = 300  # characters of a prompt's end shown; the rest folds
+SAMPLE_TOKENS = 128  # most tokens of an answer sampled for the KL estimate (judge.py's --max-new-tokens)
 
 
 def colour(reward: float, scale: float) -> str:
@@ -298,7 +308,7 @@ def answer_html(label: str, side: str, pieces: list[Span], reward: float, scale:
 
 def pair_html(pair: ScoredPair, scale: float, split: str) -> str:
     verdict = ('<span class="right">ranks it as people did</span>' if pair.margin > 0 else
-               '<span class="wrong">ranks it against people</span>')
+               '<span class="wrong">ranks it against people</span>' if pair.margin < 0 else "ties it (counted as half right)")
     return (f'<div class="pair" data-pair="{pair.index}"><p>{split} pair {pair.index}: margin '
             f"r(x, y<sub>w</sub>) &minus; r(x, y<sub>l</sub>) = {pair.margin:+.3f}; the model {verdict}</p>"
             f"{prompt_html(pair.prompt)}<div class=\"answers\">"
@@ -353,8 +363,9 @@ def drift_html(on_samples: tuple[str, Drift] | None, chosen: Drift, rejected: Dr
     table += [row("the dataset's chosen answers (r / &beta;)", chosen), row("the dataset's rejected answers", rejected)]
     note = ("" if on_samples is not None else
             f"<p>The KL estimate needs answers sampled from the policy, slow on a CPU, so this page has none: "
-            f"<code>python report.py {escaped(str(run_dir))} --samples 8</code> samples 8, or run judge.py on best.pt first "
-            "and its answers are used.</p>")
+            f"<code>python report.py {escaped(str(run_dir))} --samples 8</code> samples 8.</p>")
+    note += ("<p>judge.py's answers are not used for it: they are sampled at its --temperature (0.7 by default), "
+             "from a sharpened &pi;, not from &pi;, and kept as text cut at the turn's end, not as the tokens drawn.</p>")
     return ("<p>On the policy's own answers the mean of log &pi; &minus; log &pi;<sub>ref</sub> estimates "
             "KL(&pi; || &pi;<sub>ref</sub>), the x-axis of the paper's Figure 2: how far DPO moved the model from its "
             "reference to earn its reward. On the dataset's answers it is the implicit reward over &beta;.</p>"
@@ -401,18 +412,20 @@ def write_report(run_dir: str | Path, pair_count: int = 9, samples: int = 0, jud
                  policy: tuple | None = None, say=cli.say) -> Path:
     """RUN_DIR/report.html, from the run's files and its best.pt on its test pairs. policy:
     (model, tokenizer) with best.pt's adapters on, if the caller holds it (train.py); else loaded.
-    samples: answers to sample from the policy for the KL estimate when no judge.py log of
-    best.pt has the policy's answers."""
+    samples: answers to sample from the policy for the KL estimate (0: none, said on the page)."""
     run_dir = Path(run_dir)
     best_path = run_dir / "best.pt"
     best = checkpoints.load_checkpoint(str(best_path))
     config = settings.config_from_dict(best["config"])
-    if config.loss_type == "sft":
-        raise ValueError(f"{best_path} is of an SFT run: it has no implicit reward to show")
+    if config.loss_type != "sigmoid":  # sft: no reward; ipo: ranks by per-token means, not Eq. 5's sums
+        raise ValueError(f"{best_path} is of a --loss-type {config.loss_type} run: the report shows DPO's implicit "
+                         f"reward, a sum over tokens (--loss-type sigmoid)")
     rows = checkpoints.read_log(run_dir / "metrics.jsonl")
     logs = judge_logs(run_dir, list(judge_log_paths))
     pairs = checkpoints.held_out_pairs(best, str(best_path))
     split = "test" if config.test_size else "validation"  # an older run has no test split (held_out_pairs says so)
+    if config.data == data.HUB_DATASET and models.hub_unreachable_reason() is not None:  # held_out_pairs said so
+        split = "bundled test"  # HH-RLHF test-split pairs, standing in for the Hub's, which cannot be reached
     scoring = Scoring.of(best, policy)
     items, kept = scoring.tokenized(pairs)
     rewards = logged_rewards(rows, items)
@@ -429,20 +442,11 @@ def write_report(run_dir: str | Path, pair_count: int = 9, samples: int = 0, jud
                        for title, positions in picked.items())
     chosen_drift = Drift.of([c / config.beta for c, _ in rewards], [len(item.chosen_ids) for item in items])
     rejected_drift = Drift.of([r / config.beta for _, r in rewards], [len(item.rejected_ids) for item in items])
-    policy_name = "dpo"
-    own = next((log for log in logs if log.checkpoint == "best.pt" and any(m == policy_name for m, _ in log.answers)), None)
     on_samples = None
-    if own is not None:
-        ids = sorted(i for m, i in own.answers if m == policy_name)
-        on_samples = (f"{len(ids)} answers of {own.path.name}, sampled at temperature {own.header.get('temperature')}",
-                      scoring.drift([own.prompts[i] for i in ids], [own.answers[(policy_name, i)] for i in ids]))
-    elif samples:
-        prompts = [pair.prompt for pair in pairs[:samples]]
-        with lora.adapters_merged(scoring.model):
-            answers = [a for _, a in sampling.generate_answers(scoring.model, scoring.tokenizer, prompts, 128, 1.0,
-                                                               desc="report's samples")]
-        on_samples = (f"{len(answers)} answers sampled here at temperature 1 for the first {len(answers)} {split} prompts",
-                      scoring.drift(prompts, answers))
+    if samples:
+        drift = scoring.sample_and_drift([pair.prompt for pair in pairs[:samples]])
+        on_samples = (f"{drift.answers} answers sampled here at temperature 1, one for each of the first "
+                      f"{min(samples, len(pairs))} {split} prompts", drift)
     judged = "".join(judge_html(log, ["base", "sft", "dpo"]) for log in logs) or (
         "<p>No judge.py log of this run's checkpoints (in the run folder or ./judgements.jsonl): "
         f"<code>python judge.py {escaped(str(best_path))} --output {escaped(str(run_dir / 'judgements.jsonl'))}</code>, "
@@ -457,10 +461,10 @@ def write_report(run_dir: str | Path, pair_count: int = 9, samples: int = 0, jud
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>DPO run report: {escaped(str(run_dir))}</title><style>{STYLE}</style></head><body>"
             f"<h1>DPO run report</h1>{run_html(run_dir, best, config, rows)}"
-            f"<h2>How it learned</h2>{curves_html(run_dir)}{figures_html(rows)}"
-            f"<h2>The implicit reward, token by token, on {split} pairs</h2>{legend}{sections}"
-            f"<h2>How far the policy moved from its reference</h2>{drift_html(on_samples, chosen_drift, rejected_drift, run_dir)}"
-            f"<h2>judge.py's answers and verdicts</h2>{judged}</body></html>")
+            f"<h2 id=\"learned\">How it learned</h2>{curves_html(run_dir)}{figures_html(rows)}"
+            f"<h2 id=\"tokens\">The implicit reward, token by token, on {split} pairs</h2>{legend}{sections}"
+            f"<h2 id=\"kl\">How far the policy moved from its reference</h2>{drift_html(on_samples, chosen_drift, rejected_drift, run_dir)}"
+            f"<h2 id=\"judge\">judge.py's answers and verdicts</h2>{judged}</body></html>")
     path = run_dir / "report.html"
     with checkpoints.writing(path):
         path.write_text(page, encoding="utf-8")

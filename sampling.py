@@ -6,6 +6,7 @@ Not here: judging the answers (judge.py) or scoring them (report_page.py).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -20,12 +21,28 @@ def cut_at_eos(token_ids: list[int], stop_ids: list[int]) -> list[int]:
     return next((token_ids[:i] for i, token in enumerate(token_ids) if token in stop_ids), token_ids)
 
 
+@dataclass
+class Sampled:
+    """One sampled answer as token ids: the prompt as generation saw it (left-cut to fit, no
+    padding) and every token the model drew, up to and including the stop token it drew (EOS or
+    its template's end of turn), or max_new_tokens of them."""
+    position: int
+    prompt_ids: list[int]
+    answer_ids: list[int]
+
+
+def stop_ids_of(tokenizer) -> tuple[str, list[int]]:
+    """The model's own end of a turn (if any) and the ids that end an answer: EOS, or that turn end."""
+    turn_end = data.assistant_turn_end(data.chat_renderer(tokenizer))  # the model's own end of a turn, if any
+    turn_end_ids = tokenizer(turn_end.strip(), add_special_tokens=False).input_ids if turn_end.strip() else []
+    return turn_end, [tokenizer.eos_token_id, *(turn_end_ids if len(turn_end_ids) == 1 else [])]
+
+
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float,
-                     batch_size: int = 8, seed: int = 0, wanted: set[int] | None = None,
-                     desc: str = "answers") -> Iterator[tuple[int, str]]:
-    """(position, answer) for the prompts of every batch that holds a wanted position (default:
-    all): only the new tokens, up to EOS.
+def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int = 8,
+           seed: int = 0, wanted: set[int] | None = None, desc: str = "answers") -> Iterator[Sampled]:
+    """The answers to the prompts of every batch that holds a wanted position (default: all), as
+    token ids (Sampled).
 
     The batches are fixed, batch k = prompts[k*B : (k+1)*B], and batch k samples under its own
     seed, from (seed, k): an answer depends on the seed and its batch, never on what was
@@ -34,18 +51,14 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
 
     Prompts are left-padded so that each ends where generation starts; generate() takes the
     position ids from the attention mask, which GPT-2's absolute positions need (docs/PITFALLS.md 4).
-    A prompt too long for the context keeps its last tokens (docs/PITFALLS.md 11). An answer ends
-    at EOS, at the end of an assistant's turn in the model's own chat template (its markup
-    never reaches the judge), or where the model starts writing the human's next turn.
+    A prompt too long for the context keeps its last tokens (docs/PITFALLS.md 11).
     """
     max_prompt_tokens = model.config.max_position_embeddings - max_new_tokens
     if max_prompt_tokens < 1:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the "
                          f"model's {model.config.max_position_embeddings} positions")
     tokenizer.truncation_side = "left"  # keep the end of the dialogue: the question being answered
-    turn_end = data.assistant_turn_end(data.chat_renderer(tokenizer))  # the model's own end of a turn, if any
-    turn_end_ids = tokenizer(turn_end.strip(), add_special_tokens=False).input_ids if turn_end.strip() else []
-    stop_ids = [tokenizer.eos_token_id, *(turn_end_ids if len(turn_end_ids) == 1 else [])]  # EOS, or the turn's end
+    _, stop_ids = stop_ids_of(tokenizer)
     sampling = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)  # plain temperature sampling,
                 if temperature > 0 else dict(do_sample=False))                     # whatever the model's defaults
     wanted = set(range(len(prompts))) if wanted is None else wanted
@@ -60,7 +73,21 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
                               add_special_tokens=not data.starts_with_bos(prompts[start], tokenizer)).to(model.device)
             output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                     eos_token_id=stop_ids, **sampling)  # (B, T + new)
-            texts = [tokenizer.decode(cut_at_eos(new_tokens, stop_ids), skip_special_tokens=True)
-                     for new_tokens in output[:, batch["input_ids"].shape[1]:].tolist()]  # (new,) the answer only
             progress.update(len(wanted.intersection(positions)))  # before yielding: the caller may stop reading
-            yield from zip(positions, (data.plain_answer(text, turn_end) for text in texts))
+            for row, position in enumerate(positions):
+                prompt_ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()  # (T,) no padding
+                new_ids = output[row, batch["input_ids"].shape[1]:].tolist()  # (new,) the answer only
+                answer = cut_at_eos(new_ids, stop_ids)
+                yield Sampled(position, prompt_ids, new_ids[:len(answer) + 1])  # and the stop it drew, if any
+
+
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float,
+                     batch_size: int = 8, seed: int = 0, wanted: set[int] | None = None,
+                     desc: str = "answers") -> Iterator[tuple[int, str]]:
+    """(position, answer) as text a reader or a judge compares (sample, above: which batches, which
+    seeds): up to EOS, the end of an assistant's turn in the model's own chat template (its markup
+    never reaches the judge), or where the model starts writing the human's next turn."""
+    turn_end, stop_ids = stop_ids_of(tokenizer)
+    for answer in sample(model, tokenizer, prompts, max_new_tokens, temperature, batch_size, seed, wanted, desc):
+        text = tokenizer.decode(cut_at_eos(answer.answer_ids, stop_ids), skip_special_tokens=True)
+        yield answer.position, data.plain_answer(text, turn_end)

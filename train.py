@@ -530,7 +530,7 @@ def finish(run: Run, state: RunState, interrupted: bool, seconds: float, began: 
                                                      "seconds": round(time.time() - began, 1)})
         cli.say(f"done in {seconds:.0f} s, step {state.step}; best validation loss {state.best_val_loss:.4f}; "
                 f"last validation: {format_metrics(state.val_metrics)}")
-        if not interrupted and run.config.loss_type != "sft":
+        if not interrupted:
             write_report(run)
     return {"step": state.step, "val_metrics": state.val_metrics, "best_val_loss": state.best_val_loss,
             "test_metrics": test_metrics, "stopped_early": state.stopped_early, "interrupted": interrupted,
@@ -556,11 +556,15 @@ def test_score(run: Run) -> dict:
 
 
 def write_report(run: Run) -> None:
-    """report.html from the model in memory (best.pt's adapters, put on by test_score), its pairs
-    picked by the test row's per-pair rewards: seconds, not a second pass over the test pairs.
-    A report that fails costs the run nothing: one line says why and how to make it again."""
+    """report.html from the model in memory, best.pt's adapters put on it, its pairs picked by the
+    test row's per-pair rewards: seconds, not a second pass over the test pairs. A report that
+    fails costs the run nothing: one line says why and how to make it again."""
+    if run.config.loss_type != "sigmoid":
+        cli.say(f"no report.html: it shows DPO's implicit reward, which a --loss-type {run.config.loss_type} run has not")
+        return
     began = time.time()
     try:
+        lora.load_adapter_state_dict(run.model, checkpoints.load_checkpoint(str(run.run_dir / "best.pt"))["adapters"])
         path = report_page.write_report(run.run_dir, policy=(run.model, run.tokenizer), samples=0)
     except (OSError, ValueError, RuntimeError) as error:
         cli.say(f"report not written ({error}); make it with: python report.py {run.run_dir}")

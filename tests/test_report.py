@@ -18,6 +18,7 @@ import lora
 import models
 import report
 import report_page
+import sampling
 import train
 from conftest import gpt2_tokenizer
 from settings import config_from_dict
@@ -94,18 +95,33 @@ def test_the_end_of_run_test_score_logs_every_test_pairs_rewards_the_report_pick
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.text(alphabet=st.sampled_from(list("abcdé .!?")), min_size=1, max_size=20), min_size=1, max_size=4),
-       st.integers(0, 5))
+@given(st.lists(st.lists(st.integers(0, 999), min_size=1, max_size=12), min_size=1, max_size=4), st.integers(0, 5))
 def test_the_kl_estimate_is_zero_with_the_adapters_off_and_not_with_them_on(scoring, answers, first):
+    """Any answers, as token ids after a test prompt's ids: the policy's log-ratio to itself is 0."""
     (scoring, pairs) = scoring
-    prompts = [pairs[(first + i) % len(pairs)].prompt for i in range(len(answers))]
+    items, _ = scoring.tokenized(pairs)
+    sampled = [sampling.Sampled(i, items[(first + i) % len(items)].prompt_ids, ids) for i, ids in enumerate(answers)]
     with lora.adapters_disabled(scoring.model):  # the policy is its reference
-        off = scoring.drift(prompts, answers)
-    assert off.answers == len(answers) and off.tokens >= len(answers)
+        off = scoring.drift(sampled)
+    assert off.answers == len(answers) and off.tokens == sum(map(len, answers))  # every token drawn, none cut
     assert off.per_answer == 0.0 and off.per_token == 0.0
-    on = scoring.drift(prompts, answers)  # best.pt's adapters moved the model
+    on = scoring.drift(sampled)  # best.pt's adapters moved the model
     assert on.tokens == off.tokens and on.per_answer != 0.0
     assert on.per_token == pytest.approx(on.per_answer * on.answers / on.tokens)
+
+
+def test_the_kl_estimate_scores_the_tokens_the_policy_drew_up_to_its_stop(scoring):
+    (scoring, pairs) = scoring
+    prompts = [pair.prompt for pair in pairs[:3]]
+    drawn = list(sampling.sample(scoring.model, scoring.tokenizer, prompts, 10, 1.0))
+    _, stop_ids = sampling.stop_ids_of(scoring.tokenizer)
+    texts = [answer for _, answer in sampling.generate_answers(scoring.model, scoring.tokenizer, prompts, 10, 1.0)]
+    for answer, text in zip(drawn, texts):  # the same draw (seed per batch) as the text judge.py logs
+        assert 1 <= len(answer.answer_ids) <= 10 and not any(token in stop_ids for token in answer.answer_ids[:-1])
+        assert text == data.plain_answer(scoring.tokenizer.decode(sampling.cut_at_eos(answer.answer_ids, stop_ids),
+                                                                  skip_special_tokens=True), "")
+    drift = scoring.drift(drawn)
+    assert drift.answers == 3 and drift.tokens == sum(len(answer.answer_ids) for answer in drawn)
 
 
 class Rendered(HTMLParser):
@@ -194,7 +210,9 @@ def test_judge_logs_show_side_by_side_with_the_verdicts_and_the_trust_line_judge
     assert page.count("<tr><td>dpo_vs_base</td>") == page.count("<tr><td>dpo_vs_dataset</td>") == 2
     trust = judge.report(results).splitlines()[-1]
     assert trust.startswith("Judge agreement with people") and trust.replace("'", "&#x27;") in page
-    assert "the policy's own samples (2 answers of judgements.jsonl" in page  # the KL from the policy's answers
+    assert "judge.py's answers are not used for it" in page  # sampled at 0.7, not from the policy itself
+    assert report.main([str(run_dir), "--pairs", "3", "--samples", "2"]) == 0
+    assert "the policy's own samples (2 answers sampled here at temperature 1" in path.read_text()  # the KL estimate
     log.unlink()  # another run's log given by hand is refused in one line
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"kind": "header", "checkpoint_sha256": "0" * 64}) + "\n")
