@@ -264,7 +264,7 @@ def judge_logs(run_dir: Path, given: list[str]) -> list[JudgeLog]:
 
 STYLE = """
 body { font: 15px/1.5 system-ui, sans-serif; margin: 0 auto; max-width: 1200px; padding: 0.5em 1em; color: #222; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.25em; margin-top: 1.5em; border-bottom: 1px solid #ddd; }
+p { overflow-wrap: anywhere; } h1 { font-size: 1.5em; } h2 { font-size: 1.25em; margin-top: 1.5em; border-bottom: 1px solid #ddd; }
 .wide { overflow-x: auto; } table { border-collapse: collapse; margin: 0.5em 0; }
 td, th { border: 1px solid #ccc; padding: 2px 8px; vertical-align: top; text-align: left; }
 .pair { border: 1px solid #ddd; border-radius: 6px; padding: 0.5em 1em; margin: 1em 0; }
