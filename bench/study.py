@@ -38,8 +38,9 @@ import train  # noqa: E402
 STUDY = REPO / "runs" / "study"
 RUNS = {  # name -> the flags that differ from the defaults; the first is the defaults themselves
     "defaults": [],
-    "all-pairs": ["--num-examples", "0"],
-    "two-epochs": ["--epochs", "2"],
+    "all-pairs": ["--num-examples", "0"],  # ~400 steps: over the 30-minute budget here
+    "two-epochs": ["--epochs", "2"],  # all training pairs twice: ~400 steps, over the 30-minute budget here
+    "two-epochs-400": ["--num-examples", "400", "--epochs", "2"],  # a second epoch within the budget: 400 pairs twice
     "beta-0.3": ["--beta", "0.3"],
     "beta-0.05": ["--beta", "0.05"],
     "lr-1e-4": ["--lr", "1e-4"],
@@ -51,19 +52,21 @@ RUNS = {  # name -> the flags that differ from the defaults; the first is the de
 }
 
 
-def run(name: str, flags: list[str]) -> dict:
-    """One full run in its own process; its summary read back from the files it left."""
+def run(name: str, flags: list[str], threads: int = 0) -> dict:
+    """One full run in its own process; its summary read back from the files it left. threads > 0
+    runs it on that many cores (two runs side by side on two cores: --threads 1 each)."""
     folder = STUDY / name
     beta = [] if "--beta" in flags else ["--beta", "0.1"]  # the README's command, unless the run changes beta
     command = [sys.executable, "train.py", *beta, *flags, "--checkpoint-dir", str(folder), "--no-progress"]
     if (folder / "last.pt").exists():  # stopped half way: continue it
         command = [sys.executable, "train.py", "--resume", str(folder / "last.pt"), "--no-progress"]
+    command += ["--threads", str(threads)] if threads else []
     started = time.time()
     with open(STUDY / f"{name}.log", "a") as log:
         returncode = subprocess.call(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     if returncode != 0:
         raise SystemExit(f"{name}: train.py exited {returncode}; see {STUDY / f'{name}.log'}")
-    return {"name": name, "flags": flags, "seconds": time.time() - started, **summary(folder)}
+    return {"name": name, "flags": flags, "seconds": time.time() - started, "threads": threads, **summary(folder)}
 
 
 def summary(folder: Path) -> dict:
@@ -117,6 +120,7 @@ def score(path: str, test_size: int = 200) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=None, help="run only these (names: " + ", ".join(RUNS) + ")")
+    parser.add_argument("--threads", type=int, default=0, help="cores for each run (default: torch's choice); 1 to run two studies side by side")
     parser.add_argument("--table", action="store_true", help="print the table of the runs done, run nothing")
     parser.add_argument("--score", nargs="*", default=[], help="score these checkpoints on validation and test, run nothing")
     args = parser.parse_args()
@@ -131,7 +135,7 @@ def main() -> None:
         if name not in done:
             beta = "" if "--beta" in RUNS[name] else "--beta 0.1 "
             print(f"{name}: python train.py {beta}{' '.join(RUNS[name])}", file=sys.stderr, flush=True)
-            done[name] = run(name, RUNS[name])
+            done[name] = run(name, RUNS[name], args.threads)
             with open(results_file, "a") as f:
                 f.write(json.dumps(done[name]) + "\n")
     print(table([done[name] for name in RUNS if name in done]))
