@@ -47,6 +47,7 @@ RUNS = {  # name -> the flags that differ from the defaults; the first is the de
     "lr-1e-3": ["--lr", "1e-3"],
     "rank-16": ["--lora-r", "16", "--lora-alpha", "32"],
     "rank-4": ["--lora-r", "4", "--lora-alpha", "8"],
+    "sft-then-dpo": ["--sft-checkpoint", "runs/study/sft/best.pt"],  # after: python train.py --loss-type sft --checkpoint-dir runs/study/sft
     "seed-1": ["--seed", "1"],  # the spread: data order and LoRA init; the split stays (--split-seed)
     "seed-2": ["--seed", "2"],
 }
