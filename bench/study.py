@@ -55,7 +55,7 @@ RUNS = {  # name -> the flags that differ from the defaults; the first is the de
 
 def run(name: str, flags: list[str], threads: int = 0) -> dict:
     """One full run in its own process; its summary read back from the files it left. threads > 0
-    runs it on that many cores (two runs side by side on two cores: --threads 1 each)."""
+    gives it that many torch threads (two runs side by side on two cores: --threads 1 each)."""
     folder = STUDY / name
     beta = [] if "--beta" in flags else ["--beta", "0.1"]  # the README's command, unless the run changes beta
     command = [sys.executable, "train.py", *beta, *flags, "--checkpoint-dir", str(folder), "--no-progress"]
@@ -121,7 +121,7 @@ def score(path: str, test_size: int = 200) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=None, help="run only these (names: " + ", ".join(RUNS) + ")")
-    parser.add_argument("--threads", type=int, default=0, help="cores for each run (default: torch's choice); 1 to run two studies side by side")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for each run, passed as train.py --threads (default: torch's choice); 1 to run two studies side by side on two cores")
     parser.add_argument("--table", action="store_true", help="print the table of the runs done, run nothing")
     parser.add_argument("--score", nargs="*", default=[], help="score these checkpoints on validation and test, run nothing")
     args = parser.parse_args()
