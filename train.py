@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import signal
 import sys
@@ -293,7 +294,11 @@ def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.dev
     scorer = None
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
-        scorer = DistributedDataParallel(Scorer(model), broadcast_buffers=False)
+        # Buffers (rotary tables) are the same on every rank: never re-sent before a forward.
+        # Newer torch names that forward_sync_buffers and warns at broadcast_buffers: asked, not assumed.
+        accepts = inspect.signature(DistributedDataParallel).parameters
+        buffers = {"forward_sync_buffers" if "forward_sync_buffers" in accepts else "broadcast_buffers": False}
+        scorer = DistributedDataParallel(Scorer(model), **buffers)
     torch.manual_seed(config.seed + rank)  # LoRA dropout masks differ across ranks
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
