@@ -125,9 +125,8 @@ def sft_stage_of(config: settings.TrainConfig) -> tuple[settings.TrainConfig, di
     sft_data = models.with_offline_fallbacks(saved, announce=False)
     sft_splits = split_data_of(sft_data)
     if sft_data.data == saved.data:  # (an SFT run on the Hub's pairs, used offline: the bundled ones stand in)
-        check_same_data(sft, path, lambda: data_sha256_of(saved, {name: getattr(sft_splits, name)
-                                                                  for name in ("train", "validation", "test")
-                                                                  if name != "test" or saved.test_size}))
+        check_same_data(sft, path, lambda: data_sha256_of(saved, sft_splits, ["train", "validation"]
+                                                          + ["test"] * bool(saved.test_size)))
     splits = split_data_of(models.with_offline_fallbacks(config, announce=False))
     if (sft_splits.validation, sft_splits.test) != (splits.validation, splits.test):
         raise ValueError(f"{path} held out other validation or test pairs than this run would (another --data, "
@@ -166,11 +165,12 @@ def split_data_of(config: settings.TrainConfig, counts: dict | None = None) -> d
                            config.num_examples, config.skip_bad_lines, counts, config.split, render)
 
 
-def data_sha256_of(config: settings.TrainConfig, pairs: dict[str, list[data.Pair]]) -> dict[str, str]:
-    """data.fingerprint of each named list of pairs, tokenised as the run of config tokenises them."""
-    tokenizer = models.cached_tokenizer(config.model)
-    return {name: data.fingerprint(data.tokenize_pairs(found, tokenizer, config.max_length, config.max_prompt_length, {}))
-            for name, found in pairs.items()}
+def data_sha256_of(config: settings.TrainConfig, splits: data.Splits, names: typing.Iterable[str]) -> dict[str, str]:
+    """data.fingerprint of the named splits, tokenised as the run of config tokenises them (its
+    kept-prompt rule reads all three)."""
+    items = data.tokenize_splits(splits, models.cached_tokenizer(config.model), config.max_length,
+                                 config.max_prompt_length, {})
+    return {name: data.fingerprint(getattr(items, name)) for name in names}
 
 
 def check_same_data(checkpoint: dict, path: str, now: typing.Callable[[], dict[str, str]]) -> None:
@@ -204,7 +204,7 @@ def held_out_pairs(checkpoint: dict, path: str) -> list[data.Pair]:
     if not saved.test_size:
         cli.say(f"{path} has no test split (--test-size 0, or an older train.py): its validation pairs instead, on "
                 f"which its best.pt was chosen")
-    check_same_data(checkpoint, path, lambda: data_sha256_of(saved, {name: getattr(splits, name)}))
+    check_same_data(checkpoint, path, lambda: data_sha256_of(saved, splits, [name]))
     return getattr(splits, name)
 
 

@@ -399,6 +399,24 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int, max_prompt_len
     return tokenized
 
 
+def tokenize_splits(splits: Splits, tokenizer, max_length: int, max_prompt_length: int, counts: dict) -> Splits:
+    """The three splits as token ids (tokenize_pairs), and split_data's prompt rule again on what
+    the model sees: two prompts that differ only before their kept last max_prompt_length tokens
+    are one prompt to it, so no pair trains on a held-out pair's kept prompt, nor validates on a
+    test pair's (counted under split_data's reasons). The test pairs are never dropped."""
+    train, validation, test = (tokenize_pairs(pairs, tokenizer, max_length, max_prompt_length, counts) for pairs in splits)
+    validation = without_prompt_ids(validation, {tuple(item.prompt_ids) for item in test}, "a test pair's prompt", counts)
+    held_out = {tuple(item.prompt_ids) for item in validation + test}
+    return Splits(without_prompt_ids(train, held_out, "a held-out pair's prompt", counts), validation, test)
+
+
+def without_prompt_ids(items: list[TokenizedPair], prompts: set[tuple], reason: str, counts: dict) -> list[TokenizedPair]:
+    kept = [item for item in items if tuple(item.prompt_ids) not in prompts]
+    if len(kept) < len(items):
+        counts[reason] = counts.get(reason, 0) + len(items) - len(kept)
+    return kept
+
+
 @dataclass
 class Batch:
     """What one forward pass reads, and which of its hidden states score which response token.

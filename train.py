@@ -317,12 +317,12 @@ def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.dev
 
 def tokenized_splits(config: TrainConfig, model: nn.Module, tokenizer, splits: data.Splits, global_batch: int,
                      dropped: dict) -> list[list[data.TokenizedPair]]:
-    """The train, validation and test pairs as token ids (data.tokenize_pairs, drops counted), or
+    """The train, validation and test pairs as token ids (data.tokenize_splits, drops counted), or
     one line saying why they cannot train this model."""
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if positions is not None and config.max_length > positions:
         raise ValueError(f"--max-length {config.max_length} exceeds the model's {positions} positions")
-    items = [data.tokenize_pairs(pairs, tokenizer, config.max_length, config.max_prompt_length, dropped) for pairs in splits]
+    items = data.tokenize_splits(splits, tokenizer, config.max_length, config.max_prompt_length, dropped)
     if len(items[0]) < global_batch or not items[1] or (config.test_size and not items[2]):
         raise DataError(f"too few usable pairs: {len(items[0])} train, {len(items[1])} validation, {len(items[2])} test "
                         f"(dropped: {dropped})")

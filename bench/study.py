@@ -110,8 +110,9 @@ def score(path: str, test_size: int = 200) -> None:
                          f"pairs: no test figure can be made for it")
     model, tokenizer = checkpoints.load_policy(checkpoint, models.with_measured_dtype(config, torch.device("cpu"), 1, print).dtype)
     collate = models.collate_function(config, model, tokenizer.pad_token_id)
+    tokenized = data.tokenize_splits(splits, tokenizer, config.max_length, config.max_prompt_length, {})
     for name in ("validation", "test"):
-        items = data.tokenize_pairs(getattr(splits, name), tokenizer, config.max_length, config.max_prompt_length, {})
+        items = getattr(tokenized, name)
         metrics = train.validation_metrics(model, items, train.ReferenceCache(len(items)), config, collate)
         low, high = dpo.wilson_interval(round(metrics["reward_accuracy"] * metrics["n"]), metrics["n"])
         print(f"{path} (step {checkpoint['step']}) on {metrics['n']} {name} pairs: loss {metrics['loss']:.4f}, "

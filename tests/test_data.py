@@ -234,6 +234,32 @@ def test_the_three_splits_share_no_prompt_for_every_source_and_seed(tmp_path_fac
     assert len(splits.train) + counts.get("a held-out pair's prompt", 0) == trained_on
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=3, max_size=12), st.lists(st.integers(0, 5), min_size=1, max_size=4),
+       st.lists(st.integers(0, 5), max_size=4), st.integers(4, 40))
+def test_prompts_that_differ_only_before_the_kept_tokens_never_land_on_two_sides(tokenizer, train_ids, val_ids, test_ids,
+                                                                                  max_prompt_length):
+    """Every prompt's text is its own (a preamble with its pair's number), so split_data keeps them
+    all; but only the last max_prompt_length tokens reach the model, and there two prompts with
+    the same last question are one: no pair may train on what a held-out pair's kept prompt is,
+    nor validate on a test pair's. Test pairs are never dropped; every other pair is accounted for."""
+    def pairs(ids, side):
+        return [data.Pair(f"{H} This is {side} dialogue {n}, told at some length before its question. "
+                          f"So: {A} Go on.{H} What is question {k}?{A}", f" Answer {k}.", " No.")
+                for n, k in enumerate(ids)]
+    splits = data.Splits(pairs(train_ids, "train"), pairs(val_ids, "validation"), pairs(test_ids, "test"))
+    assert len({p.prompt for split in splits for p in split}) == sum(map(len, splits))  # text: all different
+    counts = {}
+    items = data.tokenize_splits(splits, tokenizer, max_prompt_length + 8, max_prompt_length, counts)
+    kept = [{tuple(item.prompt_ids) for item in split} for split in items]
+    assert not kept[0] & (kept[1] | kept[2]) and not kept[1] & kept[2]
+    plain = [data.tokenize_pairs(split, tokenizer, max_prompt_length + 8, max_prompt_length, {}) for split in splits]
+    assert items.test == plain[2]
+    assert len(items.validation) + counts.get("a test pair's prompt", 0) == len(plain[1])
+    assert len(items.train) + counts.get("a held-out pair's prompt", 0) == len(plain[0])
+    assert all(item in items.train for item in plain[0] if tuple(item.prompt_ids) not in kept[1] | kept[2])  # only those
+
+
 def test_a_training_pair_with_a_held_out_prompt_and_other_answers_is_dropped_too(tmp_path):
     rows = [in_three_formats([f"Question {i}?"], f"Answer {i}.", "No.")["hh"] for i in range(6)]
     rows += [in_three_formats([f"Question {i}?"], f"Answer {i}.", f"Other {i}.")["hh"] for i in range(6)]

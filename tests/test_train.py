@@ -497,6 +497,29 @@ def test_dpo_after_sft_refuses_what_would_not_be_the_sft_model(tmp_path, tiny_gp
         train.TrainConfig(loss_type="sft", sft_checkpoint="x.pt")
 
 
+def test_pairs_whose_kept_prompts_are_a_held_out_ones_never_train_and_the_sft_stage_still_fits(tmp_path, tiny_gpt2_dir):
+    """36 prompts, each its own text, but 24 kept tokens see only the last question, of which
+    there are 12: the run drops every training pair whose kept prompt a held-out pair has, says
+    so, and DPO after an SFT run on that file recomputes the same pairs (its data check passes)."""
+    rows = [record(f"{H} This is dialogue number {i}, and it is told at some length before its question, "
+                   f"so that the start of it is cut away.{A} Go on.{H} What is question {i % 12}?{A}",
+                   f" Answer {i % 12}.", " No.") for i in range(36)]
+    data_file = write_jsonl(tmp_path / "d.jsonl", rows)
+    sft = train.train(tiny_config(data_file, tiny_gpt2_dir, tmp_path / "sft", loss_type="sft", max_steps=1))
+    splits = checkpoints.split_data_of(tiny_config(data_file, tiny_gpt2_dir, tmp_path))
+    assert sum(map(len, splits)) == 36  # by their text, no prompt is another's
+    plain = [data.tokenize_pairs(split, models.cached_tokenizer(tiny_gpt2_dir), 48, 24, {}) for split in splits]
+    test = {tuple(item.prompt_ids) for item in plain[2]}
+    validation = {tuple(item.prompt_ids) for item in plain[1]} - test
+    kept_in = lambda items, prompts: sum(tuple(item.prompt_ids) in prompts for item in items)
+    expected = {"a test pair's prompt": kept_in(plain[1], test),
+                "a held-out pair's prompt": kept_in(plain[0], validation | test)}
+    assert expected["a held-out pair's prompt"] > 0 and sft["dropped"] == {k: n for k, n in expected.items() if n}
+    dpo = train.train(tiny_config(data_file, tiny_gpt2_dir, tmp_path / "dpo",
+                                  sft_checkpoint=str(tmp_path / "sft" / "best.pt"), max_steps=1))
+    assert dpo["dropped"] == sft["dropped"] and dpo["step"] == 1
+
+
 def swap_answers(path):
     """The same file, the same size, every pair's answers swapped: what a count cannot see."""
     rows = [json.loads(line) for line in open(path)]
