@@ -280,7 +280,8 @@ def one_line(error: BaseException) -> str:
 
 class Splits(NamedTuple):
     """A run's three splits, each with one job: train (the gradient), validation (early stopping,
-    best.pt, any choice of settings), test (scored once, at the end; nothing is chosen on it)."""
+    best.pt, any choice of settings), test (scored once, at the end; nothing is chosen on it); as
+    pairs (split_data) or as their token ids (tokenize_splits)."""
     train: list[Pair]
     validation: list[Pair]
     test: list[Pair]

@@ -316,7 +316,7 @@ def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.dev
 
 
 def tokenized_splits(config: TrainConfig, model: nn.Module, tokenizer, splits: data.Splits, global_batch: int,
-                     dropped: dict) -> list[list[data.TokenizedPair]]:
+                     dropped: dict) -> data.Splits:
     """The train, validation and test pairs as token ids (data.tokenize_splits, drops counted), or
     one line saying why they cannot train this model."""
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
