@@ -165,9 +165,11 @@ def split_data_of(config: settings.TrainConfig, counts: dict | None = None) -> d
                            config.num_examples, config.skip_bad_lines, counts, config.split, render)
 
 
-def data_sha256_of(config: settings.TrainConfig, splits: data.Splits, names: typing.Iterable[str]) -> dict[str, str]:
+def data_sha256_of(config: settings.TrainConfig, splits: data.Splits, names: list[str]) -> dict[str, str]:
     """data.fingerprint of the named splits, tokenised as the run of config tokenises them (its
-    kept-prompt rule reads all three)."""
+    kept-prompt rule reads all three; validation and test do not depend on train, so it is
+    tokenised only when asked for)."""
+    splits = splits if "train" in names else splits._replace(train=[])
     items = data.tokenize_splits(splits, models.cached_tokenizer(config.model), config.max_length,
                                  config.max_prompt_length, {})
     return {name: data.fingerprint(getattr(items, name)) for name in names}

@@ -315,20 +315,26 @@ def split_data(data: str, hub_subset: str = "harmless-base", val_size: int = 200
         if len(pairs) < val_size + test_size:
             raise DataError(f"{HUB_DATASET} ({hub_subset}) has {len(pairs)} test-split pairs, fewer than "
                             f"{val_size} validation + {test_size} test pairs")
-    validation, test = pairs[:val_size], pairs[len(pairs) - test_size:] if test_size else []
-    validation = without_prompts(validation, {pair.prompt for pair in test}, "a test pair's prompt", counts)
-    held_out = {pair.prompt for pair in validation + test}  # the same pair twice, or the same prompt, other answers
-    train_pairs = without_prompts(train_pairs, held_out, "a held-out pair's prompt", counts)
-    if num_examples:
-        train_pairs = train_pairs[:num_examples]
-    return Splits(train_pairs, validation, test)
+    splits = kept_apart(Splits(train_pairs, pairs[:val_size], pairs[len(pairs) - test_size:] if test_size else []),
+                        lambda pair: pair.prompt, counts)  # the same pair twice, or the same prompt, other answers
+    return splits._replace(train=splits.train[:num_examples]) if num_examples else splits
 
 
-def without_prompts(pairs: list[Pair], prompts: set[str], reason: str, counts: dict) -> list[Pair]:
-    """The pairs whose prompt is not one of prompts; the others counted under reason."""
-    kept = [pair for pair in pairs if pair.prompt not in prompts]
-    if len(kept) < len(pairs):
-        counts[reason] = counts.get(reason, 0) + len(pairs) - len(kept)
+def kept_apart(splits: Splits, prompt_of: Callable, counts: dict) -> Splits:
+    """The splits with no prompt on two sides: a validation pair with a test pair's prompt and a
+    training pair with a held-out pair's are dropped (counted); the test pairs are all kept.
+    prompt_of says what one prompt is: its text (split_data), or its kept token ids (tokenize_splits)."""
+    train, validation, test = splits
+    validation = without_prompts(validation, {prompt_of(item) for item in test}, prompt_of, "a test pair's prompt", counts)
+    held_out = {prompt_of(item) for item in validation + test}
+    return Splits(without_prompts(train, held_out, prompt_of, "a held-out pair's prompt", counts), validation, test)
+
+
+def without_prompts(items: list, prompts: set, prompt_of: Callable, reason: str, counts: dict) -> list:
+    """The items whose prompt is not one of prompts; the others counted under reason."""
+    kept = [item for item in items if prompt_of(item) not in prompts]
+    if len(kept) < len(items):
+        counts[reason] = counts.get(reason, 0) + len(items) - len(kept)
     return kept
 
 
@@ -401,21 +407,12 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int, max_prompt_len
 
 
 def tokenize_splits(splits: Splits, tokenizer, max_length: int, max_prompt_length: int, counts: dict) -> Splits:
-    """The three splits as token ids (tokenize_pairs), and split_data's prompt rule again on what
-    the model sees: two prompts that differ only before their kept last max_prompt_length tokens
-    are one prompt to it, so no pair trains on a held-out pair's kept prompt, nor validates on a
-    test pair's (counted under split_data's reasons). The test pairs are never dropped."""
-    train, validation, test = (tokenize_pairs(pairs, tokenizer, max_length, max_prompt_length, counts) for pairs in splits)
-    validation = without_prompt_ids(validation, {tuple(item.prompt_ids) for item in test}, "a test pair's prompt", counts)
-    held_out = {tuple(item.prompt_ids) for item in validation + test}
-    return Splits(without_prompt_ids(train, held_out, "a held-out pair's prompt", counts), validation, test)
-
-
-def without_prompt_ids(items: list[TokenizedPair], prompts: set[tuple], reason: str, counts: dict) -> list[TokenizedPair]:
-    kept = [item for item in items if tuple(item.prompt_ids) not in prompts]
-    if len(kept) < len(items):
-        counts[reason] = counts.get(reason, 0) + len(items) - len(kept)
-    return kept
+    """The three splits as token ids (tokenize_pairs), kept apart again (kept_apart) by what the
+    model sees: two prompts that differ only before their kept last max_prompt_length tokens are
+    one prompt to it, so no pair trains on a held-out pair's kept prompt, nor validates on a test
+    pair's. The test pairs are never dropped."""
+    return kept_apart(Splits(*(tokenize_pairs(pairs, tokenizer, max_length, max_prompt_length, counts) for pairs in splits)),
+                      lambda item: tuple(item.prompt_ids), counts)
 
 
 @dataclass
