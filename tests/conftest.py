@@ -1,8 +1,19 @@
-"""Tiny random models: fast, offline, and real transformers architectures."""
+"""Tiny random models: fast, offline, and real transformers architectures. Every test runs in a
+folder of its own (in_a_folder_of_its_own): never in the clone, whatever a user has run there."""
+import string
+
 import pytest
 import torch
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
-                          OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                          OPTConfig, OPTForCausalLM, PhimoeConfig, PhimoeForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+
+@pytest.fixture(autouse=True)
+def in_a_folder_of_its_own(tmp_path_factory, monkeypatch):
+    """The working directory of every test is a new empty folder: the programs' default paths
+    (checkpoints/, judgements.jsonl, runs/) are then the test's own, not those a user's runs
+    left in the clone, which a test must neither read nor write."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 def tiny(model_class, config, seed: int):
@@ -48,6 +59,41 @@ def tiny_opt(seed: int = 0, vocab_size: int = 64) -> OPTForCausalLM:
     return tiny(OPTForCausalLM, OPTConfig(vocab_size=vocab_size, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
                                           num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32),
                 seed)
+
+
+def tiny_opt_layerdrop(seed: int = 0, vocab_size: int = 64) -> OPTForCausalLM:
+    """OPT with layerdrop: in train mode each layer is skipped at random (no "dropout" in its name)."""
+    return tiny(OPTForCausalLM, OPTConfig(vocab_size=vocab_size, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
+                                          num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32,
+                                          layerdrop=0.5), seed)
+
+
+def tiny_phimoe(seed: int = 0, vocab_size: int = 64) -> PhimoeForCausalLM:
+    """PhiMoE: in train mode its router jitters its input and samples experts (Gumbel); the
+    router is an nn.Linear whose forward returns a tuple, and its experts are no nn.Linear."""
+    return tiny(PhimoeForCausalLM, PhimoeConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
+                                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                                max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2,
+                                                input_jitter_noise=0.01, router_jitter_noise=0.01), seed)
+
+
+def sentencepiece_style_tokenizer(add_bos: bool = True, add_eos: bool = False, add_prefix_space: bool = True,
+                                  merges: tuple = (), chat_template: str | None = None):
+    """A Llama-style tokenizer (SentencePiece's Metaspace, byte fallback) with a character
+    vocabulary, built here: add_eos as some Llama/Mistral fine-tunes ship it ("add_eos_token":
+    true), add_prefix_space as SentencePiece's dummy prefix, merges to make tokens across a seam."""
+    from transformers import LlamaTokenizer
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for piece in ["\u2581", *string.printable, *("".join(merge) for merge in merges)]:
+        vocab.setdefault(piece, len(vocab))
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=list(merges), add_bos_token=add_bos, add_eos_token=add_eos,
+                               add_prefix_space=add_prefix_space)
+    tokenizer.chat_template = chat_template
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 # Causal LMs of five families, tiny and random: Conv1D, Llama-style names, and three by module type.
