@@ -35,28 +35,64 @@ DEFAULT_TARGETS = {
 
 
 def known_targets(model: nn.Module) -> tuple[str, ...] | None:
-    """GPT-2's Conv1D names, or the Llama/Gemma/Qwen2/Mistral projection names; None for another family."""
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    """GPT-2's Conv1D names, or the Llama/Gemma/Qwen2/Mistral projection names, when every layer
+    of those names can take an adapter (fit); None for another family."""
+    layers = {}
+    for name, module in model.named_modules():
+        layers.setdefault(name.rsplit(".", 1)[-1], []).append(module)
     for targets in DEFAULT_TARGETS.values():
-        if names.issuperset(targets):
+        if all(name in layers and all(fit(module) is None for module in layers[name]) for name in targets):
             return targets
     return None
 
 
-def block_linear_targets(model: nn.Module) -> tuple[str, ...]:
+def fit(module: nn.Module) -> str | None:
+    """None when LoRA can wrap this layer: an nn.Linear or Conv1D whose forward gives one tensor
+    of its output size, to which LoRALayer adds B A x. Else what it is instead, in words. Measured
+    on the layer itself (a zero input: no random state is touched), not read off its class: a
+    subclass may return anything (PhiMoE's router, an nn.Linear, returns routing weights and
+    expert indices)."""
+    if isinstance(module, nn.Linear):
+        in_features, out_features = module.in_features, module.out_features
+    elif isinstance(module, Conv1D):
+        in_features, out_features = module.weight.shape
+    else:
+        return f"a {type(module).__name__}, not an nn.Linear or Conv1D"
+    with torch.no_grad():
+        try:
+            output = module(torch.zeros(1, in_features, dtype=module.weight.dtype, device=module.weight.device))
+        except Exception as error:  # a layer that cannot take a plain input
+            return f"a {type(module).__name__} that fails on a plain input ({type(error).__name__})"
+    if not isinstance(output, Tensor) or output.shape != (1, out_features):
+        what = f"a {type(output).__name__}" if not isinstance(output, Tensor) else f"shape {tuple(output.shape)}"
+        return f"a {type(module).__name__} whose forward returns {what}, not one tensor of its {out_features} outputs"
+    return None
+
+
+def block_linear_targets(model: nn.Module) -> tuple[tuple[str, ...], dict[str, str]]:
     """By module type, for any other family: the name of every nn.Linear or Conv1D inside the
-    numbered transformer blocks (".../layers.3/...", ".../h.3/..."): attention and MLP
-    projections, never the embeddings or the output layer, which sit outside the blocks."""
-    targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                      if isinstance(module, (nn.Linear, Conv1D)) and re.search(r"\.\d+\.", name)})
+    numbered transformer blocks (".../layers.3/...", ".../h.3/...") that can take an adapter
+    (fit): attention and MLP projections, never the embeddings or the output layer, which sit
+    outside the blocks. Also the names left out, each with why: (targets, {name: why})."""
+    names, left_out = set(), {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)) and re.search(r"\.\d+\.", name):
+            short = name.rsplit(".", 1)[-1]
+            why = fit(module)
+            if why is None:
+                names.add(short)
+            else:
+                left_out[short] = why
+    targets = tuple(sorted(names - set(left_out)))  # a name LoRA wraps must fit everywhere it is used
     if not targets:
-        raise ValueError("found no linear layer inside numbered transformer blocks: pass the module names to adapt")
-    return tuple(targets)
+        raise ValueError("found no linear layer inside numbered transformer blocks that can take an adapter: "
+                         "pass the module names to adapt")
+    return targets, left_out
 
 
 def default_targets(model: nn.Module) -> tuple[str, ...]:
     """The layers to adapt when none are named: known_targets, else block_linear_targets."""
-    return known_targets(model) or block_linear_targets(model)
+    return known_targets(model) or block_linear_targets(model)[0]
 
 
 @dataclass(frozen=True)
@@ -149,6 +185,9 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> tuple[int, int]:
     replaced = 0
     for name, module in list(model.named_modules()):
         if name.rsplit(".", 1)[-1] in targets and isinstance(module, (nn.Linear, Conv1D)):
+            if (why := fit(module)) is not None:
+                raise ValueError(f"LoRA target {name} is {why}: LoRA adds B A x to one tensor; leave "
+                                 f"{name.rsplit('.', 1)[-1]!r} out of the targets")
             parent_name, _, child_name = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child_name, LoRALayer(module, config.r, config.alpha, config.dropout))
@@ -162,6 +201,20 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; tied weights counted once."""
     parameters = {id(p): p for p in model.parameters()}.values()
     return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
+
+
+def train_mode(model: nn.Module) -> nn.Module:
+    """The mode a run trains in: the adapters' own dropout on, everything else in eval mode.
+
+    The base model is the reference (adapters off), so nothing in it may draw random numbers
+    while the policy trains: not dropout only, which disable_dropout zeroes, but anything a
+    family does in train mode (OPT's layerdrop skips whole layers, PhiMoE jitters its router's
+    input and samples its experts). The reference log-probs are cached once, so a random base
+    would make them one random draw and the step-0 loss other than log 2 (docs/PITFALLS.md 20)."""
+    model.eval()
+    for _, layer in lora_layers(model):
+        layer.dropout.train()
+    return model
 
 
 @contextlib.contextmanager

@@ -206,7 +206,7 @@ def run_ours(config: BenchConfig) -> dict:
     collate = models.collate_function(train_config, model, tokenizer.pad_token_id, announce=lambda line: print(line, file=sys.stderr))
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
-    model.train()
+    lora.train_mode(model)  # as train.py trains: the base model in eval mode, the adapters' dropout on
     seconds, tokens, flops, two_row_flops = [], [], [], []
     for index in step_batches(len(items), config.batch_size, config.steps + 1):
         if index[0] == 0:  # a new pass: TRL recomputes the reference every step, so no cached ones here
@@ -240,7 +240,7 @@ def run_prefix(config: BenchConfig) -> dict:
     model.to(config.device)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(parameters, lr=0.0)  # the same weights for every pass
-    model.train()
+    lora.train_mode(model)
     layouts = {"two_rows": data.collate, "shared": data.collate_shared}
     seconds = {name: [] for name in layouts}
     batches = step_batches(len(items), config.batch_size, len(items) // config.batch_size)
@@ -486,7 +486,7 @@ def first_step_losses(model_path: str, pairs: list[data.Pair], config: BenchConf
     with torch.no_grad():
         for _, layer in lora.lora_layers(model):
             layer.lora_B.normal_(std=CHECK_LORA_B_STD)
-    model.to(config.device).train()
+    lora.train_mode(model.to(config.device))
     index = list(range(len(items)))
     with torch.no_grad():
         ours = {collate: train.compute_loss(model, data.to_device(collate(items, index, tokenizer.pad_token_id), torch.device(config.device)),

@@ -87,7 +87,7 @@ def main() -> int:
     lora.add_lora(model, models.lora_config_of(config, model))
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(parameters, lr=0.0)  # a full step that leaves the weights as they are
-    model.train()
+    lora.train_mode(model)
     pad_id = tokenizer.pad_token_id
     shared, two_rows = functools.partial(data.collate_shared, pad_id=pad_id), functools.partial(data.collate, pad_id=pad_id)
     state = {"collate": shared}

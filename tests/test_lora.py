@@ -6,7 +6,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lora
-from conftest import FAMILIES, tiny_gpt2, tiny_llama
+from conftest import FAMILIES, tiny_gpt2, tiny_llama, tiny_phimoe
 
 MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
 
@@ -125,6 +125,41 @@ def test_every_family_is_the_base_model_at_init_and_with_adapters_off(family):
     block_linears = {name for name, m in base.named_modules()
                      if isinstance(m, (nn.Linear, Conv1D)) and (".layers." in name or ".h." in name)}
     assert wrapped == block_linears and adapted.get_output_embeddings() not in [m.base for _, m in lora.lora_layers(adapted)]
+
+
+def test_layers_that_do_not_return_one_tensor_take_no_adapter_by_default_and_are_refused_by_name():
+    """PhiMoE's router is an nn.Linear whose forward returns routing weights and expert indices:
+    chosen by module type it was wrapped, and LoRA's B A x added to a tuple ended the run in a
+    traceback. What a layer returns decides, measured on it: left out (and why), or, named as a
+    target, one clear error."""
+    model = tiny_phimoe()
+    targets, left_out = lora.block_linear_targets(model)
+    assert targets == ("k_proj", "o_proj", "q_proj", "v_proj")
+    assert set(left_out) == {"router"} and "returns a tuple" in left_out["router"]
+    adapted, base = tiny_phimoe(), tiny_phimoe()
+    lora.add_lora(adapted, lora.LoRAConfig(r=4))  # the defaults: block_linear_targets
+    ids = inputs()
+    with torch.no_grad():
+        assert torch.equal(base(ids).logits, adapted(ids).logits)
+    with pytest.raises(ValueError, match=r"LoRA target model\.layers\.0\.mlp\.router is a PhimoeTopKRouter whose "
+                                         r"forward returns a tuple.*leave 'router' out of the targets"):
+        lora.add_lora(tiny_phimoe(), lora.LoRAConfig(r=4, targets=("q_proj", "router")))
+    assert lora.fit(nn.Linear(3, 2)) is None and lora.fit(Conv1D(2, 3)) is None and "not an nn.Linear" in lora.fit(nn.ReLU())
+
+
+def test_train_mode_leaves_only_the_adapters_dropout_in_train_mode():
+    """The base model is the reference: in a run's train mode nothing of it draws random numbers."""
+    model = tiny_phimoe()
+    lora.add_lora(model, lora.LoRAConfig(r=4, dropout=0.5))
+    randomise_B(model)
+    lora.train_mode(model)
+    assert {m.training for name, m in model.named_modules() if name.endswith(".dropout")} == {True}
+    assert not any(m.training for name, m in model.named_modules() if not name.endswith(".dropout"))
+    ids = inputs()
+    with torch.no_grad(), lora.adapters_disabled(model):  # the reference: the same in train mode, every time
+        assert torch.equal(model(ids).logits, model(ids).logits)
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, model(ids).logits)  # the adapters' dropout still acts
 
 
 def test_unknown_targets_are_a_clear_error():
