@@ -85,10 +85,35 @@ def load_checkpoint(path: str) -> dict:
 # The policy rebuilt from a checkpoint, and where a new run starts from
 # ---------------------------------------------------------------------------------------
 
-def load_policy(checkpoint: dict, dtype: str | torch.dtype = torch.float32, verbose: bool = False):
-    """The base model named in a checkpoint, with the checkpoint's adapters on it."""
-    model, tokenizer = models.load_model_and_tokenizer(checkpoint["base_model"], dtype, verbose)
+def load_policy(checkpoint: dict, dtype: str | torch.dtype = torch.float32, verbose: bool = False,
+                path: str = "the checkpoint"):
+    """The base model named in a checkpoint (load_base: checked to hold the weights its run trained
+    from), with the checkpoint's adapters on it."""
+    model, tokenizer = load_base(checkpoint, path, dtype, verbose)
     return add_trained_adapters(model, checkpoint), tokenizer
+
+
+def load_base(checkpoint: dict, path: str, dtype: str | torch.dtype = torch.float32, verbose: bool = False):
+    """The base model a checkpoint names and its tokenizer, checked to hold the very weights its
+    run trained from (check_same_base)."""
+    model, tokenizer = models.load_model_and_tokenizer(checkpoint["base_model"], dtype, verbose)
+    check_same_base(checkpoint, path, models.weights_sha256(model), checkpoint["base_model"])
+    return model, tokenizer
+
+
+def check_same_base(checkpoint: dict, path: str, base_sha256: str, model: str) -> None:
+    """The base model's weights are the ones a checkpoint's run trained from (its base_sha256), or
+    one line: a folder or file overwritten with other weights under the same name would give
+    another reference than the one its log-probs were cached from, and another policy than the
+    one it trained (docs/PITFALLS.md 21). An older checkpoint has no such hash: said."""
+    saved = checkpoint.get("base_sha256")
+    if saved is None:
+        cli.say(f"{path} has no hash of its base model's weights (an older train.py wrote it): nothing shows "
+                f"{model} holds the weights it trained from")
+    elif saved != base_sha256:
+        raise ValueError(f"{path} was trained from other weights than {model} holds now (their sha256 differ: was "
+                         f"the model replaced under the same name?): its reference and adapters belong to those; "
+                         f"use the model it was made with, or start a new run")
 
 
 def add_trained_adapters(model: nn.Module, checkpoint: dict) -> nn.Module:
@@ -132,7 +157,30 @@ def sft_stage_of(config: settings.TrainConfig) -> tuple[settings.TrainConfig, di
         raise ValueError(f"{path} held out other validation or test pairs than this run would (another --data, "
                          f"--split-seed, --val-size or --test-size): its model may have trained on them; use the "
                          f"SFT run's data settings")
-    return config, {"checkpoint": path, "config": sft["config"], "lora": sft["lora"], "adapters": sft["adapters"]}
+    clashes = held_out_prompts_trained(sft_splits, saved, splits, config)
+    if clashes:
+        raise ValueError(f"{path} trained on {clashes} pairs whose prompts this run holds out as it keeps them (its last "
+                         f"{min(saved.max_prompt_length, config.max_prompt_length)} tokens; the SFT run kept "
+                         f"{saved.max_prompt_length}, this run {config.max_prompt_length}): its model has seen what this "
+                         f"run validates or tests on; make the SFT stage with this run's --max-prompt-length")
+    return config, {"checkpoint": path, "config": sft["config"], "lora": sft["lora"], "adapters": sft["adapters"],
+                    **({"base_sha256": sft["base_sha256"]} if "base_sha256" in sft else {})}
+
+
+def held_out_prompts_trained(sft_splits: data.Splits, sft: settings.TrainConfig, splits: data.Splits,
+                             config: settings.TrainConfig) -> int:
+    """How many of the pairs an SFT run trained on have a prompt that the DPO run of config holds
+    out (validation or test), by the kept-prompt rule of data.tokenize_splits applied across the
+    two runs: each run's kept prompts cut to the shorter of their two --max-prompt-length (a
+    prompt kept longer holds the shorter one's tokens at its end). The same settings give 0:
+    the SFT run dropped those pairs itself (docs/PITFALLS.md 17)."""
+    tokenizer = models.cached_tokenizer(config.model)
+    trained = data.tokenize_splits(sft_splits, tokenizer, sft.max_length, sft.max_prompt_length, {}).train
+    held = data.tokenize_splits(splits._replace(train=[]), tokenizer, config.max_length, config.max_prompt_length, {})
+    shorter = min(sft.max_prompt_length, config.max_prompt_length)
+    cut = lambda item: tuple(data.keep_prompt_end(item.prompt_ids, tokenizer.bos_token_id, shorter))
+    held_out = {cut(item) for item in held.validation + held.test}
+    return sum(cut(item) in held_out for item in trained)
 
 
 def init_adapters_of(config: settings.TrainConfig) -> tuple[settings.TrainConfig, dict]:
@@ -198,9 +246,7 @@ def held_out_pairs(checkpoint: dict, path: str) -> list[data.Pair]:
     from the Hub's test split, so that run never trained on them either (said in one line)."""
     saved = settings.config_from_dict(checkpoint["config"])
     if saved.data == HUB_DATASET and (reason := models.hub_unreachable_reason()) is not None:
-        cli.say(f"the Hugging Face Hub cannot be reached ({reason}): held-out prompts from the bundled {BUNDLED_DATA} "
-                f"(HH-RLHF test-split pairs) instead of {HUB_DATASET}'s test split")
-        return split_data_of(dataclasses.replace(saved, data=BUNDLED_DATA, test_size=saved.test_size or 200)).test
+        return stand_in_test_pairs(checkpoint, path, saved, reason)
     splits = split_data_of(saved)
     name = "test" if saved.test_size else "validation"
     if not saved.test_size:
@@ -208,6 +254,27 @@ def held_out_pairs(checkpoint: dict, path: str) -> list[data.Pair]:
                 f"which its best.pt was chosen")
     check_same_data(checkpoint, path, lambda: data_sha256_of(saved, splits, [name]))
     return getattr(splits, name)
+
+
+def stand_in_test_pairs(checkpoint: dict, path: str, saved: settings.TrainConfig, reason: str) -> list[data.Pair]:
+    """Held-out pairs for a run on the Hub's Anthropic/hh-rlhf where the Hub cannot be reached:
+    the bundled file's test split (HH-RLHF test-split pairs too), less every pair whose kept
+    prompt the run trained or validated on (its seen_prompts): the two files shuffle apart, so
+    some of the bundled test pairs are that run's validation pairs, on which best.pt was chosen.
+    A checkpoint that does not say what it saw (an older train.py) gets none: one line."""
+    seen = checkpoint.get("seen_prompts")
+    if seen is None:
+        raise ValueError(f"the Hugging Face Hub cannot be reached ({reason}) for {HUB_DATASET}'s test split, and {path} "
+                         f"does not record which prompts its run trained and validated on (an older train.py wrote "
+                         f"it), so no held-out pairs can be had offline: run this where the Hub can be reached")
+    pairs = split_data_of(dataclasses.replace(saved, data=BUNDLED_DATA, test_size=saved.test_size or 200)).test
+    tokenizer, used = models.cached_tokenizer(saved.model), set(torch.cat(list(seen.values())).tolist())
+    kept = [pair for pair in pairs
+            if data.prompt_key(data.kept_prompt_ids(tokenizer, pair.prompt, saved.max_prompt_length)) not in used]
+    cli.say(f"the Hugging Face Hub cannot be reached ({reason}): held-out prompts from the bundled {BUNDLED_DATA} "
+            f"(HH-RLHF test-split pairs) instead of {HUB_DATASET}'s test split: {len(kept)} of its {len(pairs)} test "
+            f"pairs, less {len(pairs) - len(kept)} whose prompts {path} trained or validated on")
+    return kept
 
 
 # ---------------------------------------------------------------------------------------

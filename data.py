@@ -9,6 +9,9 @@ tests/test_prefix_sharing.py.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
+import functools
 import gzip
 import hashlib
 import json
@@ -101,17 +104,59 @@ def render_hh(messages: list[dict], add_generation_prompt: bool) -> str:
 def chat_renderer(tokenizer) -> Render:
     """The tokenizer's own chat template if it has one, else render_hh. A template that refuses
     a conversation (raise_exception: Gemma 2 on a system turn, Llama 2 on roles that do not
-    alternate) makes the record malformed: a ValueError, named by file:line like any other."""
+    alternate) makes the record malformed: a ValueError, named by file:line like any other.
+    Rendered as of TEMPLATE_DATE (clock_at): a template that writes today's date (Llama 3's
+    "Today Date:") would give other token ids every day, and a run its data could not find
+    again tomorrow (docs/PITFALLS.md 21)."""
     if not getattr(tokenizer, "chat_template", None):
         return render_hh
     from jinja2 import TemplateError
 
     def render(messages: list[dict], add_generation_prompt: bool) -> str:
         try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            with clock_at(TEMPLATE_DATE):
+                return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         except TemplateError as error:
             raise ValueError(f"the chat template refuses it: {one_line(error)}") from None
     return render
+
+
+TEMPLATE_DATE = datetime.date(2024, 7, 26)  # "today" for a dated chat template: the date Llama 3.1's falls back to
+
+
+@contextlib.contextmanager
+def clock_at(day: datetime.date) -> Iterator[None]:
+    """Inside, transformers' chat templates read day as today: their strftime_now() calls
+    datetime.now() from transformers' chat_template_utils module, which is pointed at day here."""
+    from transformers.utils import chat_template_utils as templates
+    real = templates.datetime
+
+    class Fixed(real):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(day.year, day.month, day.day, tzinfo=tz)
+
+    templates.datetime = Fixed
+    try:
+        yield
+    finally:
+        templates.datetime = real
+
+
+def template_is_dated(tokenizer) -> bool:
+    """Whether the tokenizer's chat template writes the day it is rendered on, measured: one
+    conversation rendered as of two days (no list of templates knows every one that does)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    conversation = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    texts = set()
+    for day in (TEMPLATE_DATE, datetime.date(2031, 12, 3)):
+        with clock_at(day):
+            try:
+                texts.add(tokenizer.apply_chat_template(conversation, tokenize=False))
+            except Exception:  # a template that refuses this conversation: it shows nothing either way
+                return False
+    return len(texts) > 1
 
 
 def assistant_turn_end(render: Render) -> str:
@@ -357,13 +402,62 @@ def keep_prompt_end(prompt_ids: list[int], bos_token_id: int | None, max_prompt_
     return bos + rest[max(0, len(rest) - keep):]  # not rest[-keep:]: at keep = 0 that is all of it
 
 
-def starts_with_bos(text: str, tokenizer) -> bool:
-    """A chat template may write the BOS itself (Gemma's "<bos>..."): the tokenizer must not add another."""
-    return bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
+@functools.cache
+def special_tokens_around(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The special tokens this tokenizer puts before a text (its BOS) and after it (an EOS, where
+    it ships "add_eos_token": true, as some Llama and Mistral fine-tunes do), measured on the
+    tokenizer itself: a text encoded with and without them. The ones after a text never go
+    after a prompt (docs/PITFALLS.md 19): nothing stands between a prompt and its answer."""
+    plain = tokenizer(SEAM_PROBE, add_special_tokens=False).input_ids
+    whole = tokenizer(SEAM_PROBE).input_ids
+    for start in range(len(whole) - len(plain) + 1):
+        if whole[start:start + len(plain)] == plain:
+            return tuple(whole[:start]), tuple(whole[start + len(plain):])
+    raise DataError(f"the tokenizer's special tokens change a text's own tokens ({SEAM_PROBE!r}: {plain} alone, "
+                    f"{whole} with them), so no one can tell where a prompt ends")
+
+
+SEAM_PROBE = "Hello there"
+
+
+def prompt_token_ids(tokenizer, text: str) -> list[int]:
+    """A prompt's token ids, whole: the special tokens the tokenizer puts before a text (its BOS;
+    not when the text writes it itself, as Gemma's chat template writes "<bos>"), then the
+    text's own, never those it puts after a text. The one way a prompt becomes ids, for
+    training, scoring and generation alike."""
+    return led_by_specials(tokenizer, tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def led_by_specials(tokenizer, own: list[int]) -> list[int]:
+    """A text's own token ids behind the special tokens the tokenizer puts before a text, unless
+    they lead already (a template that writes "<bos>" gives its id itself: one BOS, not two)."""
+    before, _ = special_tokens_around(tokenizer)
+    return [*before, *own] if before and own[:len(before)] != list(before) else own
+
+
+def answer_token_ids(tokenizer, prompt: str, prompt_own: list[int], answer: str) -> list[int]:
+    """An answer's token ids as the tokenizer writes it after its prompt: the tokens of prompt +
+    answer past the prompt's own ones (prompt_own, without special tokens). Alone, some tokenizers
+    write a text's start otherwise: SentencePiece's dummy prefix puts a space before it, so an
+    answer tokenised apart would read " Hi" where the template wrote "Hi" (docs/PITFALLS.md 19).
+    Where a token spans the seam (the whole does not begin with the prompt's own tokens), there is
+    no clean cut: the answer's own tokens (docs/PITFALLS.md 1)."""
+    whole = tokenizer(prompt + answer, add_special_tokens=False).input_ids
+    if whole[:len(prompt_own)] == prompt_own:
+        return whole[len(prompt_own):]
+    return tokenizer(answer, add_special_tokens=False).input_ids
+
+
+def kept_prompt_ids(tokenizer, prompt: str, max_prompt_length: int) -> list[int]:
+    """The prompt's ids as a run keeps them: its BOS, if any, and its last tokens (keep_prompt_end)."""
+    return keep_prompt_end(prompt_token_ids(tokenizer, prompt), tokenizer.bos_token_id, max_prompt_length)
 
 
 def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int) -> TokenizedPair | str:
-    """Token ids of prompt and responses, tokenised *separately* (docs/PITFALLS.md 1), or a drop reason.
+    """Token ids of prompt and responses, or a drop reason. The prompt is tokenised on its own,
+    so chosen and rejected rows share its tokens (docs/PITFALLS.md 1), with the special tokens
+    a tokenizer puts before a text, never the ones after it; each answer as the tokenizer writes
+    it after the prompt (answer_token_ids, docs/PITFALLS.md 19).
 
     The prompt keeps its last max_prompt_length tokens (the turns that matter, docs/PITFALLS.md 11)
     and its BOS if the tokenizer adds one; responses get EOS (docs/PITFALLS.md 2) and keep their
@@ -371,17 +465,35 @@ def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int
     token at all (empty text, a tokenizer without BOS) is dropped: the answer's first token
     would be scored from a column that has seen the whole answer.
     """
-    prompt_ids = keep_prompt_end(tokenizer(pair.prompt, add_special_tokens=not starts_with_bos(pair.prompt, tokenizer)
-                                           ).input_ids, tokenizer.bos_token_id, max_prompt_length)
+    own = tokenizer(pair.prompt, add_special_tokens=False).input_ids
+    prompt_ids = keep_prompt_end(led_by_specials(tokenizer, own), tokenizer.bos_token_id, max_prompt_length)
     if not prompt_ids:  # no BOS, no text: nothing before the answer's first token to predict it from
         return "empty prompt"
     budget = max_length - len(prompt_ids)
     eos = [tokenizer.eos_token_id]
-    chosen_ids = (tokenizer(pair.chosen, add_special_tokens=False).input_ids + eos)[:budget]
-    rejected_ids = (tokenizer(pair.rejected, add_special_tokens=False).input_ids + eos)[:budget]
+    chosen_ids = (answer_token_ids(tokenizer, pair.prompt, own, pair.chosen) + eos)[:budget]
+    rejected_ids = (answer_token_ids(tokenizer, pair.prompt, own, pair.rejected) + eos)[:budget]
     if budget <= 0 or not chosen_ids or not rejected_ids:
         return "no response token left after truncation"
     return TokenizedPair(prompt_ids, chosen_ids, rejected_ids)
+
+
+def seam_problem(tokenizer, pair: Pair) -> str | None:
+    """None when the rows tokenize_pair makes of a pair read as its prompt followed directly by
+    each answer, as the tokenizer writes the whole text; else what stands at the seam, in words.
+    Measured at the start of a run on its own pairs (docs/PITFALLS.md 19)."""
+    def read(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    own = tokenizer(pair.prompt, add_special_tokens=False).input_ids
+    prompt = led_by_specials(tokenizer, own)
+    for answer in (pair.chosen, pair.rejected):
+        row, whole = read(prompt + answer_token_ids(tokenizer, pair.prompt, own, answer)), read(
+            prompt_token_ids(tokenizer, pair.prompt + answer))
+        if row != whole:
+            at = next((i for i, (a, b) in enumerate(zip(row, whole)) if a != b), min(len(row), len(whole)))
+            return (f"a row reads {row[max(0, at - 20):at + 20]!r} where the whole text reads "
+                    f"{whole[max(0, at - 20):at + 20]!r}")
+    return None
 
 
 def fingerprint(items: list[TokenizedPair]) -> str:
@@ -391,6 +503,18 @@ def fingerprint(items: list[TokenizedPair]) -> str:
     for item in items:
         digest.update(json.dumps([item.prompt_ids, item.chosen_ids, item.rejected_ids]).encode())
     return digest.hexdigest()
+
+
+def prompt_key(prompt_ids: list[int]) -> int:
+    """A kept prompt as one int64: the first 8 bytes of the sha256 of its ids."""
+    return int.from_bytes(hashlib.sha256(json.dumps(list(prompt_ids)).encode()).digest()[:8], "little", signed=True)
+
+
+def prompt_keys(items: list[TokenizedPair]) -> Tensor:
+    """The distinct kept prompts of items (prompt_key), sorted: what "one prompt" means to a run
+    (kept_apart), small enough for a checkpoint to carry every one it trained or validated on,
+    so that a program that shows "test" pairs from elsewhere can leave those out."""
+    return torch.tensor(sorted({prompt_key(item.prompt_ids) for item in items}), dtype=torch.int64)
 
 
 def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int, max_prompt_length: int,

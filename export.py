@@ -31,7 +31,6 @@ from transformers.pytorch_utils import Conv1D
 import checkpoints
 import cli
 import lora
-import models
 
 # ---------------------------------------------------------------------------------------
 # A checkpoint out, as either folder
@@ -69,7 +68,7 @@ def export(checkpoint_path: str, peft: str = "", merged: str = "", verbose: bool
         if folder and os.path.exists(folder) and os.listdir(folder):
             raise ValueError(f"{folder} exists and is not empty: pass a new folder")
     checkpoint = checkpoints.load_checkpoint(checkpoint_path)
-    model, tokenizer = models.load_model_and_tokenizer(checkpoint["base_model"], torch.float32, verbose)
+    model, tokenizer = checkpoints.load_base(checkpoint, checkpoint_path, torch.float32, verbose)  # the run's own weights
     checkpoints.add_trained_adapters(model, checkpoint)  # checks that the adapters fit the model
     if peft:
         export_peft(checkpoint, model, peft)

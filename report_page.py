@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hashlib
 import html
 import random
@@ -137,11 +138,11 @@ class Scoring:
     collate: object
 
     @staticmethod
-    def of(checkpoint: dict, policy: tuple | None = None) -> "Scoring":
+    def of(checkpoint: dict, policy: tuple | None = None, path: str = "the checkpoint") -> "Scoring":
         config = settings.config_from_dict(checkpoint["config"])
         if policy is None:
             dtype = models.with_measured_dtype(config, torch.device("cpu"), 1, cli.say).dtype
-            policy = checkpoints.load_policy(checkpoint, dtype)
+            policy = checkpoints.load_policy(checkpoint, dtype, path=path)
         model, tokenizer = policy
         return Scoring(model, tokenizer, config, models.collate_function(config, model, tokenizer.pad_token_id, lambda _: None))
 
@@ -166,10 +167,15 @@ class Scoring:
 
     def drift(self, answers: list[sampling.Sampled]) -> Drift:
         """log pi - log pi_ref on answers sampled from the policy, scored exactly as drawn: the
-        prompt ids generation saw, then every token drawn (its stop token included), through the
-        path that trains and validates; no cut to --max-length."""
-        items = [data.TokenizedPair(a.prompt_ids, a.answer_ids, a.answer_ids) for a in answers if a.answer_ids]
-        terms = [chosen for chosen, _ in token_rewards(self.model, items, self.collate, 1.0, self.config.batch_size)]
+        prompt ids generation saw, then every token drawn (its stop token included); no cut to
+        --max-length. So these rows may be longer than any the run's layout was measured on
+        (models.probe_layout): one shared row a pair, past a sliding attention window, would
+        score other log-probs than the model's own. They go as one row an answer, the model's
+        own padding mask and positions (data.collate; the full output where the probe said
+        so), which holds at any length; the one-token second answer of each item is not read."""
+        items = [data.TokenizedPair(a.prompt_ids, a.answer_ids, a.answer_ids[:1]) for a in answers if a.answer_ids]
+        own_rows = functools.partial(data.collate, pad_id=self.tokenizer.pad_token_id)
+        terms = [chosen for chosen, _ in token_rewards(self.model, items, own_rows, 1.0, self.config.batch_size)]
         return Drift.of([t.sum().item() for t in terms], [len(t) for t in terms])
 
     def sample_and_drift(self, prompts: list[str]) -> Drift:
@@ -426,7 +432,7 @@ def write_report(run_dir: str | Path, pair_count: int = 9, samples: int = 0, jud
     split = "test" if config.test_size else "validation"  # an older run has no test split (held_out_pairs says so)
     if config.data == data.HUB_DATASET and models.hub_unreachable_reason() is not None:  # held_out_pairs said so
         split = "bundled test"  # HH-RLHF test-split pairs, standing in for the Hub's, which cannot be reached
-    scoring = Scoring.of(best, policy)
+    scoring = Scoring.of(best, policy, str(best_path))
     items, kept = scoring.tokenized(pairs)
     rewards = logged_rewards(rows, items)
     if rewards is None:  # an older run, or pairs other than the run's: all scored here

@@ -21,6 +21,16 @@ def cut_at_eos(token_ids: list[int], stop_ids: list[int]) -> list[int]:
     return next((token_ids[:i] for i, token in enumerate(token_ids) if token in stop_ids), token_ids)
 
 
+def left_padded(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Prompts' ids as generate() takes them: left-padded so that each ends where its answer
+    starts, with the attention mask that tells padding from tokens. (B, T) each."""
+    if not all(rows):
+        raise ValueError("a prompt with no token at all (empty text, a tokenizer without BOS): nothing to answer from")
+    width = max(map(len, rows))
+    return {"input_ids": torch.tensor([[pad_id] * (width - len(row)) + row for row in rows], device=device),
+            "attention_mask": torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)}
+
+
 @dataclass
 class Sampled:
     """One sampled answer as token ids: the prompt as generation saw it (left-cut to fit, no
@@ -51,13 +61,14 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
 
     Prompts are left-padded so that each ends where generation starts; generate() takes the
     position ids from the attention mask, which GPT-2's absolute positions need (docs/PITFALLS.md 4).
-    A prompt too long for the context keeps its last tokens (docs/PITFALLS.md 11).
+    A prompt too long for the context keeps its last tokens (docs/PITFALLS.md 11). Its ids are
+    the ones training reads (data.prompt_token_ids): its BOS once, never an EOS after it
+    (docs/PITFALLS.md 19).
     """
     max_prompt_tokens = model.config.max_position_embeddings - max_new_tokens
     if max_prompt_tokens < 1:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the "
                          f"model's {model.config.max_position_embeddings} positions")
-    tokenizer.truncation_side = "left"  # keep the end of the dialogue: the question being answered
     _, stop_ids = stop_ids_of(tokenizer)
     sampling = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)  # plain temperature sampling,
                 if temperature > 0 else dict(do_sample=False))                     # whatever the model's defaults
@@ -68,9 +79,8 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
             if wanted.isdisjoint(positions):
                 continue
             torch.manual_seed(seed * 1_000_003 + start // batch_size)  # distinct for every (seed, batch) a run meets
-            batch = tokenizer([prompts[i] for i in positions], padding=True, padding_side="left", truncation=True,
-                              max_length=max_prompt_tokens, return_tensors="pt",  # (B, T); a chat template's BOS once
-                              add_special_tokens=not data.starts_with_bos(prompts[start], tokenizer)).to(model.device)
+            batch = left_padded([data.keep_prompt_end(data.prompt_token_ids(tokenizer, prompts[i]), tokenizer.bos_token_id,
+                                                      max_prompt_tokens) for i in positions], tokenizer.pad_token_id, model.device)
             output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                     eos_token_id=stop_ids, **sampling)  # (B, T + new)
             progress.update(len(wanted.intersection(positions)))  # before yielding: the caller may stop reading

@@ -243,6 +243,8 @@ class Run:
     batches_per_epoch: int               # whole global batches per epoch
     total_steps: int                     # the schedule's length
     data_sha256: dict                    # {"train": ..., "validation": ..., "test": ...}: data.fingerprint of the token ids
+    base_sha256: str                     # models.weights_sha256 of the base model as loaded: what the reference is
+    seen_prompts: dict                   # {"train": ..., "validation": ...}: data.prompt_keys, what no program may call "test"
 
     epoch_order: dict = dataclasses.field(default_factory=dict)  # {epoch: its batches}, one epoch at a time
 
@@ -277,10 +279,14 @@ def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.dev
     config = models.with_measured_dtype(config, device, world_size, announce)  # after the data's checks
     announce(f"loading {config.model}")
     model, tokenizer = models.load_model_and_tokenizer(config.model, config.dtype)
+    base_sha256 = models.weights_sha256(model)  # the weights the reference comes from: part of the run's identity
+    if sft_stage is not None:
+        checkpoints.check_same_base(sft_stage, sft_stage["checkpoint"], base_sha256, config.model)
     global_batch = config.batch_size * world_size  # pairs per micro-step, all ranks together
-    train_items, val_items, test_items = tokenized_splits(config, model, tokenizer, splits, global_batch, dropped)
+    train_items, val_items, test_items = tokenized_splits(config, model, tokenizer, splits, global_batch, dropped, announce)
     checkpoints.fold_sft_stage(model, sft_stage)  # the SFT model: DPO's starting policy and, adapters off, its reference
     lora_config = models.lora_config_of(config, model)
+    chosen_by = targets_chosen_by(config, model)  # read off the plain model, before adapters wrap its layers
     trainable, total = lora.add_lora(model, lora_config)
     if initial_adapters is not None:
         try:
@@ -290,7 +296,7 @@ def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.dev
     model.to(device)
     announce(f"data: {len(train_items)} train / {len(val_items)} validation / {len(test_items)} test pairs; "
              f"dropped: {dropped or 'none'}")
-    announce_model(config, model, lora_config, trainable, total, sft_stage, world_size, announce)
+    announce_model(config, lora_config, chosen_by, trainable, total, sft_stage, world_size, announce)
     scorer = None
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -309,19 +315,34 @@ def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.dev
     fingerprints = {"train": data.fingerprint(train_items), "validation": data.fingerprint(val_items)}
     if config.test_size:
         fingerprints["test"] = data.fingerprint(test_items)
+    seen = {"train": data.prompt_keys(train_items), "validation": data.prompt_keys(val_items)}
     collate = models.collate_function(config, model, tokenizer.pad_token_id, announce)
     return Run(config, rank, world_size, device, run_dir, train_items, val_items, test_items, dropped, model, tokenizer, collate,
                lora_config, sft_stage, scorer, optimizer, ReferenceCache(len(train_items)), ReferenceCache(len(val_items)),
-               batches_per_epoch, total_steps, fingerprints)
+               batches_per_epoch, total_steps, fingerprints, base_sha256, seen)
 
 
 def tokenized_splits(config: TrainConfig, model: nn.Module, tokenizer, splits: data.Splits, global_batch: int,
-                     dropped: dict) -> data.Splits:
+                     dropped: dict, announce: typing.Callable[[str], None]) -> data.Splits:
     """The train, validation and test pairs as token ids (data.tokenize_splits, drops counted), or
-    one line saying why they cannot train this model."""
+    one line saying why they cannot train this model. What a row holds is measured on the run's
+    own tokenizer and first pairs first (docs/PITFALLS.md 19, 21): the special tokens it puts
+    after a text stay out of prompts (said), and a row must read as its prompt followed directly
+    by its answer, or the run stops."""
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if positions is not None and config.max_length > positions:
         raise ValueError(f"--max-length {config.max_length} exceeds the model's {positions} positions")
+    _, after = data.special_tokens_around(tokenizer)
+    if after:
+        announce(f"the tokenizer puts {tokenizer.decode(list(after))!r} after every text it encodes (add_eos_token): "
+                 f"prompts are encoded without it, so nothing stands between a prompt and its answer")
+    if data.template_is_dated(tokenizer):
+        announce(f"the chat template writes the date it is rendered on: conversations are rendered as of "
+                 f"{data.TEMPLATE_DATE:%d %b %Y}, so the run's token ids are the same on any day")
+    for pair in [*splits.train, *splits.validation][:SEAM_PAIRS]:
+        if (problem := data.seam_problem(tokenizer, pair)) is not None:
+            raise DataError(f"the tokenizer puts something between a prompt and its answer: {problem}; these rows "
+                            f"would train on text the data does not hold")
     items = data.tokenize_splits(splits, tokenizer, config.max_length, config.max_prompt_length, dropped)
     if len(items[0]) < global_batch or not items[1] or (config.test_size and not items[2]):
         raise DataError(f"too few usable pairs: {len(items[0])} train, {len(items[1])} validation, {len(items[2])} test "
@@ -329,12 +350,23 @@ def tokenized_splits(config: TrainConfig, model: nn.Module, tokenizer, splits: d
     return items
 
 
-def announce_model(config: TrainConfig, model: nn.Module, lora_config: lora.LoRAConfig, trainable: int, total: int,
+def targets_chosen_by(config: TrainConfig, model: nn.Module) -> str:
+    """How the LoRA targets were chosen, when not by name: by module type, and which layers were
+    left out because they cannot take an adapter (lora.fit), each with why."""
+    if config.lora_targets or lora.known_targets(model):
+        return ""
+    _, left_out = lora.block_linear_targets(model)
+    skipped = "; left out: " + "; ".join(f"{name} ({why})" for name, why in sorted(left_out.items())) if left_out else ""
+    return (f" (by module type: {model.config.model_type} has no default targets, so every linear layer of its blocks "
+            f"that can take an adapter{skipped})")
+
+
+SEAM_PAIRS = 8  # the run's first pairs whose rows are read back as text before it trains
+
+
+def announce_model(config: TrainConfig, lora_config: lora.LoRAConfig, chosen_by: str, trainable: int, total: int,
                    sft_stage: dict | None, world_size: int, announce: typing.Callable[[str], None]) -> None:
     """What trains: the model, its adapters, where it starts from, how many processes."""
-    chosen_by = ("" if config.lora_targets or lora.known_targets(model) else
-                 f" (by module type: {model.config.model_type} has no default targets, so every linear layer "
-                 f"of its blocks)")
     announce(f"model: {config.model} ({config.dtype}); LoRA r={lora_config.r} on {list(lora_config.targets)}{chosen_by}: "
              f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
     if sft_stage is not None:
@@ -350,7 +382,8 @@ def checkpoint(run: Run, state: RunState, rng: list[dict] | None = None) -> dict
     --resume needs to continue exactly."""
     payload = {"format": checkpoints.CHECKPOINT_FORMAT, "base_model": run.config.model, "lora": lora.lora_config_dict(run.lora_config),
                "adapters": lora.adapter_state_dict(run.model), "config": dataclasses.asdict(run.config),
-               "step": state.step, "val_metrics": state.val_metrics, "data_sha256": run.data_sha256}
+               "step": state.step, "val_metrics": state.val_metrics, "data_sha256": run.data_sha256,
+               "base_sha256": run.base_sha256, "seen_prompts": run.seen_prompts}
     if run.sft_stage is not None:
         payload["sft"] = run.sft_stage
     if rng is not None:
@@ -365,7 +398,7 @@ def validate(run: Run, state: RunState, metrics_file, say) -> None:
     """Validate (rank 0 only), log a row, keep best.pt, and decide early stopping."""
     run.model.eval()
     metrics = validation_metrics(run.model, run.val_items, run.val_reference, run.config, run.collate)
-    run.model.train()
+    lora.train_mode(run.model)
     checkpoints.write_metrics(metrics_file, {"step": state.step, "split": "val", **metrics})
     say(f"step {state.step} validation: {format_metrics(metrics)}")
     if state.observe(metrics, run.config.early_stop_patience):
@@ -377,6 +410,7 @@ def validate(run: Run, state: RunState, metrics_file, say) -> None:
 def restore(run: Run, checkpoint: dict) -> RunState:
     """Put a saved run back as it was when last.pt was written; its state."""
     checkpoints.check_same_data(checkpoint, run.config.resume, lambda: run.data_sha256)
+    checkpoints.check_same_base(checkpoint, run.config.resume, run.base_sha256, run.config.model)  # its cached reference's
     checkpoints.check_resume_fits(checkpoint, run.config.resume, run.total_steps, run.world_size, run.device)
     lora.load_adapter_state_dict(run.model, checkpoint["adapters"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -475,7 +509,9 @@ def train(config: TrainConfig) -> dict:
         # loss log 2 and accuracy 0.5 on the real model proves policy == reference (docs/PITFALLS.md 3, 5).
         if state.val_metrics is None and run.is_main:
             validate(run, state, metrics_file, cli.say)
-        run.model.train()  # only LoRA dropout can act: the base model's dropout is off
+        lora.train_mode(run.model)  # only LoRA's dropout can act: the base model is the reference
+        if state.step == 0:
+            check_step_zero(run)
         while state.step < run.total_steps and not (state.stopped_early or interrupted):
             lr, grad_norm, train_metrics = optimizer_step(run, state.step, parameters)  # lr, accumulate, clip, step
             state.step += 1
@@ -504,6 +540,30 @@ def train(config: TrainConfig) -> dict:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
     return finish(run, state, interrupted, seconds=time.time() - started, began=began)
+
+
+def check_step_zero(run: Run) -> None:
+    """Step 0 is the reference (docs/PITFALLS.md 3, 5, 20), measured on the run's first batch in
+    the very mode training runs in (train_mode, its dtype, its layout): the reference's log-probs
+    repeat bit for bit, so the cache holds what the reference is and not one random draw; and,
+    where the adapters start at B = 0, the policy's equal them, so the first loss is log 2. (Its
+    random state is put back after: the run draws what it would have drawn without the check.)"""
+    batch = run.micro_batch(0)
+    with torch.no_grad(), torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        with lora.adapters_disabled(run.model):
+            first, second = (models.batch_logps(run.model, batch).sum for _ in range(2))
+        starts_at_reference = all(not layer.lora_B.any() for _, layer in lora.lora_layers(run.model))
+        policy = models.batch_logps(run.model, batch).sum if starts_at_reference else first
+    problem = None
+    if not torch.equal(first, second):
+        problem = (f"the reference's log-probs of the first batch differ between two forward passes (by up to "
+                   f"{(first - second).abs().max().item():.3g}): the model draws random numbers even with its dropout "
+                   f"off and in eval mode, so a cached reference would be one random draw")
+    elif not torch.equal(policy, first):
+        problem = (f"with its adapters at B = 0 the policy's log-probs differ from the reference's (by up to "
+                   f"{(policy - first).abs().max().item():.3g}), so the first loss would not be log 2")
+    if ranks.any_rank(problem is not None, run.world_size, run.device):
+        raise TrainingError(f"step 0 is not the reference: {problem or 'so says another process'}; nothing was trained")
 
 
 def stop_reason(run: Run, state: RunState, interrupted: bool) -> str:
@@ -634,6 +694,17 @@ def main(argv: list[str] | None = None) -> int:
         resume = f"; {last} is whole: free space and continue with --resume {last}" if last.exists() else ""
         print(f"train.py: error: {error}{resume}", file=sys.stderr)
         return 1
+    except OSError as error:  # any other file that cannot be read or written (the bundled model on a full disk)
+        print(f"train.py: error: {f'{error.filename}: {error.strerror}' if error.filename and error.strerror else error}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop or after it (the test score, the report)
+        last = Path(config.resume or Path(config.checkpoint_dir) / "last.pt")
+        print("train.py: interrupted; " + (f"{last} holds the run up to its last saved step: --resume {last} continues "
+                                            f"it, and scores the test pairs and writes report.html when it finishes"
+                                            if last.exists() else "no checkpoint was written yet: nothing to resume"),
+              file=sys.stderr)
+        return 130
     return 0
 
 

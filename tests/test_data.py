@@ -278,3 +278,109 @@ def test_the_hubs_test_split_is_never_trained_on_since_it_validates(split):
     with pytest.raises(data.DataError, match="Anthropic/hh-rlhf validates and tests on its test split: train on a "
                                              "--split without it"):
         data.split_data(data.HUB_DATASET, split=split)
+
+
+# ----- what a row holds: the seam between a prompt and its answer (docs/PITFALLS.md 19) ---------
+
+# A Llama-2-style template: the answer after " [/INST]" with a space of the template's own, the
+# turn ended by the EOS it writes; and a Gemma-style one: the answer right after "model\n".
+LLAMA2_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token }}[INST] {{ m['content'] }} [/INST]"
+                   "{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}")
+SEAM_MERGES = ((":", "\u2581"), ("\n", "H"))  # tokens that span a seam: ": " + answer, "\n" + "Hi"
+
+
+def seam_pairs(render, spaced: bool) -> list[data.Pair]:
+    """Pairs whose answers start with a space or not, in HH text or through a chat template."""
+    answers = [("Hi there.", "No."), ("Sure: here it is.", "Go away.")]
+    lead = " " if spaced else ""
+    if render is None:
+        return [data.Pair(f"{H} Can you help?{A}", lead + chosen, lead + rejected) for chosen, rejected in answers]
+    conversation = [{"role": "user", "content": "Can you help?"}]
+    prompt = render(conversation, True)
+    return [data.Pair(prompt, data.answer_text(render, conversation, prompt, [{"role": "assistant", "content": chosen}]),
+                      data.answer_text(render, conversation, prompt, [{"role": "assistant", "content": rejected}]))
+            for chosen, rejected in answers]
+
+
+@settings(max_examples=40, deadline=None)
+@given(add_bos=st.booleans(), add_eos=st.booleans(), add_prefix_space=st.booleans(), spaced=st.booleans(),
+       template=st.sampled_from([None, CHAT_TEMPLATE, LLAMA2_TEMPLATE]), merges=st.sampled_from([(), SEAM_MERGES]))
+def test_a_row_is_the_prompt_then_its_answer_with_nothing_between_for_any_tokenizer_flags(add_bos, add_eos, add_prefix_space,
+                                                                                         spaced, template, merges):
+    """A tokenizer that adds EOS after every text ("add_eos_token": true) must not put it between a
+    prompt and its answer, and SentencePiece's dummy prefix must not put a space there the text
+    does not hold. With no token spanning the seam the row is, id for id, the whole text as the
+    tokenizer writes it (less what it puts after a text); with one, the row reads as that text or
+    seam_problem says what differs (and the run stops: test_train)."""
+    from conftest import sentencepiece_style_tokenizer
+    tokenizer = sentencepiece_style_tokenizer(add_bos, add_eos, add_prefix_space, merges, template)
+    before, after = data.special_tokens_around(tokenizer)
+    assert before == ((tokenizer.bos_token_id,) if add_bos else ()) and after == ((tokenizer.eos_token_id,) if add_eos else ())
+    render = data.chat_renderer(tokenizer) if template else None
+    for pair in seam_pairs(render, spaced):
+        item = data.tokenize_pair(pair, tokenizer, 256, 128)
+        assert item.prompt_ids.count(tokenizer.bos_token_id) == int(add_bos or template is not None)  # one BOS at most
+        for answer, ids in ((pair.chosen, item.chosen_ids), (pair.rejected, item.rejected_ids)):
+            assert ids[-1] == tokenizer.eos_token_id and tokenizer.eos_token_id not in item.prompt_ids
+            whole = data.prompt_token_ids(tokenizer, pair.prompt + answer)
+            if not merges:
+                assert item.prompt_ids + ids[:-1] == whole
+        problem = data.seam_problem(tokenizer, pair)
+        if not merges:
+            assert problem is None
+        elif problem is None:
+            read = lambda ids: tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            assert read(item.prompt_ids + item.chosen_ids[:-1]) == read(data.prompt_token_ids(tokenizer, pair.prompt + pair.chosen))
+
+
+def test_gpt2s_rows_are_the_whole_text_as_its_bpe_writes_it_and_unchanged(tokenizer):
+    """GPT-2's byte-level BPE adds no special token and has no dummy prefix: the row of every
+    bundled pair is the whole text's tokens, so the measured seam changed nothing there."""
+    for pair in data.load_pairs(data.BUNDLED_DATA)[:200]:
+        item = data.tokenize_pair(pair, tokenizer, 10_000, 10_000)
+        assert data.seam_problem(tokenizer, pair) is None
+        assert item.prompt_ids == tokenizer(pair.prompt).input_ids
+        assert item.chosen_ids[:-1] == tokenizer(pair.chosen).input_ids  # the answer alone writes the same tokens
+
+
+def test_generation_prompts_are_the_training_prompts_ids_no_eos_after_them():
+    """sampling.sample feeds the model the very prompt ids training scores from: its BOS once, and
+    never the EOS a tokenizer with add_eos_token puts after a text (it would tell the model the
+    dialogue is over before the answer it is asked for)."""
+    import sampling
+    from conftest import sentencepiece_style_tokenizer, tiny_llama
+    tokenizer = sentencepiece_style_tokenizer(add_bos=True, add_eos=True)
+    model = tiny_llama(vocab_size=len(tokenizer))
+    prompts = [f"{H} Can you help?{A}", f"{H} A much longer question, is it not?{A}"]
+    drawn = list(sampling.sample(model, tokenizer, prompts, max_new_tokens=3, temperature=0.0, batch_size=2))
+    for answer in drawn:
+        expected = data.kept_prompt_ids(tokenizer, prompts[answer.position], 64 - 3)
+        assert answer.prompt_ids == expected and expected[-1] != tokenizer.eos_token_id and expected[0] == tokenizer.bos_token_id
+
+
+def test_a_dated_chat_template_renders_the_same_text_on_any_day(monkeypatch):
+    """Llama 3's templates write "Today Date: ..." through transformers' strftime_now: the run's
+    token ids (and so its fingerprints) would change at midnight. Rendered as of one fixed date,
+    measured as dated, and the same on two days; an undated template is measured as such."""
+    import datetime
+
+    from transformers.utils import chat_template_utils
+    tokenizer = gpt2_tokenizer()
+    tokenizer.chat_template = ("{{ 'Today Date: ' + strftime_now('%d %b %Y') + '\\n' }}{% for m in messages %}"
+                               "{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                               "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}")
+    conversation = [{"role": "user", "content": "Hello?"}]
+    rendered = []
+    for day in (datetime.datetime(2026, 12, 3, 23, 59), datetime.datetime(2026, 12, 4, 0, 1)):
+        class Clock(datetime.datetime):  # the machine's clock on that day
+            @classmethod
+            def now(cls, tz=None, day=day):
+                return day
+        monkeypatch.setattr(chat_template_utils, "datetime", Clock)
+        assert tokenizer.apply_chat_template(conversation, tokenize=False).startswith(f"Today Date: {day:%d %b %Y}")
+        rendered.append(data.chat_renderer(tokenizer)(conversation, True))
+        assert chat_template_utils.datetime is Clock  # put back as it was
+    assert rendered[0] == rendered[1] == f"Today Date: {data.TEMPLATE_DATE:%d %b %Y}\nuser: Hello?\nassistant:"
+    assert data.template_is_dated(tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    assert not data.template_is_dated(tokenizer)

