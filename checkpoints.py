@@ -97,13 +97,14 @@ def load_base(checkpoint: dict, path: str, dtype: str | torch.dtype = torch.floa
     """The base model a checkpoint names and its tokenizer, checked to hold the very weights its
     run trained from (check_same_base)."""
     model, tokenizer = models.load_model_and_tokenizer(checkpoint["base_model"], dtype, verbose)
-    check_same_base(checkpoint, path, models.weights_sha256(model), checkpoint["base_model"])
+    run_dtype = settings.config_from_dict(checkpoint["config"]).dtype  # what the run computed in, whatever is loaded now
+    check_same_base(checkpoint, path, models.weights_sha256(model, run_dtype), checkpoint["base_model"])
     return model, tokenizer
 
 
 def check_same_base(checkpoint: dict, path: str, base_sha256: str, model: str) -> None:
-    """The base model's weights are the ones a checkpoint's run trained from (its base_sha256), or
-    one line: a folder or file overwritten with other weights under the same name would give
+    """The base model is the one a checkpoint's run trained from (its base_sha256: config and
+    weights), or one line: a folder or file overwritten with other weights under the same name would give
     another reference than the one its log-probs were cached from, and another policy than the
     one it trained (docs/PITFALLS.md 21). An older checkpoint has no such hash: said."""
     saved = checkpoint.get("base_sha256")
@@ -111,8 +112,8 @@ def check_same_base(checkpoint: dict, path: str, base_sha256: str, model: str) -
         cli.say(f"{path} has no hash of its base model's weights (an older train.py wrote it): nothing shows "
                 f"{model} holds the weights it trained from")
     elif saved != base_sha256:
-        raise ValueError(f"{path} was trained from other weights than {model} holds now (their sha256 differ: was "
-                         f"the model replaced under the same name?): its reference and adapters belong to those; "
+        raise ValueError(f"{path} was trained from other weights than {model} holds now (the sha256 of its config and "
+                         f"weights differ: was the model replaced under the same name?): its reference and adapters belong to those; "
                          f"use the model it was made with, or start a new run")
 
 
@@ -157,30 +158,33 @@ def sft_stage_of(config: settings.TrainConfig) -> tuple[settings.TrainConfig, di
         raise ValueError(f"{path} held out other validation or test pairs than this run would (another --data, "
                          f"--split-seed, --val-size or --test-size): its model may have trained on them; use the "
                          f"SFT run's data settings")
-    clashes = held_out_prompts_trained(sft_splits, saved, splits, config)
+    clashes, trained = held_out_prompts_trained(sft_splits, saved, splits, config)
     if clashes:
         raise ValueError(f"{path} trained on {clashes} pairs whose prompts this run holds out as it keeps them (its last "
                          f"{min(saved.max_prompt_length, config.max_prompt_length)} tokens; the SFT run kept "
                          f"{saved.max_prompt_length}, this run {config.max_prompt_length}): its model has seen what this "
                          f"run validates or tests on; make the SFT stage with this run's --max-prompt-length")
     return config, {"checkpoint": path, "config": sft["config"], "lora": sft["lora"], "adapters": sft["adapters"],
-                    **({"base_sha256": sft["base_sha256"]} if "base_sha256" in sft else {})}
+                    "seen_prompts": trained, **({"base_sha256": sft["base_sha256"]} if "base_sha256" in sft else {})}
 
 
 def held_out_prompts_trained(sft_splits: data.Splits, sft: settings.TrainConfig, splits: data.Splits,
-                             config: settings.TrainConfig) -> int:
+                             config: settings.TrainConfig) -> tuple[int, torch.Tensor]:
     """How many of the pairs an SFT run trained on have a prompt that the DPO run of config holds
     out (validation or test), by the kept-prompt rule of data.tokenize_splits applied across the
     two runs: each run's kept prompts cut to the shorter of their two --max-prompt-length (a
     prompt kept longer holds the shorter one's tokens at its end). The same settings give 0:
-    the SFT run dropped those pairs itself (docs/PITFALLS.md 17)."""
+    the SFT run dropped those pairs itself (docs/PITFALLS.md 17). Also the SFT run's trained
+    prompts so cut (data.prompt_keys), which the DPO run's checkpoints carry: no program may show
+    them as test pairs of the policy either (stand_in_test_pairs)."""
     tokenizer = models.cached_tokenizer(config.model)
     trained = data.tokenize_splits(sft_splits, tokenizer, sft.max_length, sft.max_prompt_length, {}).train
     held = data.tokenize_splits(splits._replace(train=[]), tokenizer, config.max_length, config.max_prompt_length, {})
     shorter = min(sft.max_prompt_length, config.max_prompt_length)
-    cut = lambda item: tuple(data.keep_prompt_end(item.prompt_ids, tokenizer.bos_token_id, shorter))
+    cut = lambda item: tuple(data.keep_prompt_end(item.prompt_ids, data.prompt_lead(tokenizer), shorter))
     held_out = {cut(item) for item in held.validation + held.test}
-    return sum(cut(item) in held_out for item in trained)
+    cut_trained = [data.TokenizedPair(list(cut(item)), [], []) for item in trained]
+    return sum(tuple(item.prompt_ids) in held_out for item in cut_trained), data.prompt_keys(cut_trained)
 
 
 def init_adapters_of(config: settings.TrainConfig) -> tuple[settings.TrainConfig, dict]:
@@ -259,7 +263,7 @@ def held_out_pairs(checkpoint: dict, path: str) -> list[data.Pair]:
 def stand_in_test_pairs(checkpoint: dict, path: str, saved: settings.TrainConfig, reason: str) -> list[data.Pair]:
     """Held-out pairs for a run on the Hub's Anthropic/hh-rlhf where the Hub cannot be reached:
     the bundled file's test split (HH-RLHF test-split pairs too), less every pair whose kept
-    prompt the run trained or validated on (its seen_prompts): the two files shuffle apart, so
+    prompt the run, or its SFT stage, trained or validated on (seen_prompts): the two files shuffle apart, so
     some of the bundled test pairs are that run's validation pairs, on which best.pt was chosen.
     A checkpoint that does not say what it saw (an older train.py) gets none: one line."""
     seen = checkpoint.get("seen_prompts")
@@ -269,8 +273,12 @@ def stand_in_test_pairs(checkpoint: dict, path: str, saved: settings.TrainConfig
                          f"it), so no held-out pairs can be had offline: run this where the Hub can be reached")
     pairs = split_data_of(dataclasses.replace(saved, data=BUNDLED_DATA, test_size=saved.test_size or 200)).test
     tokenizer, used = models.cached_tokenizer(saved.model), set(torch.cat(list(seen.values())).tolist())
-    kept = [pair for pair in pairs
-            if data.prompt_key(data.kept_prompt_ids(tokenizer, pair.prompt, saved.max_prompt_length)) not in used]
+    cuts = {saved.max_prompt_length: used}
+    if "sft" in checkpoint:  # what its SFT stage trained on, kept as the shorter of the two runs' cuts keeps it
+        shorter = min(settings.config_from_dict(checkpoint["sft"]["config"]).max_prompt_length, saved.max_prompt_length)
+        cuts.setdefault(shorter, set()).update(checkpoint["sft"].get("seen_prompts", torch.zeros(0)).tolist())
+    kept = [pair for pair in pairs if not any(data.prompt_key(data.kept_prompt_ids(tokenizer, pair.prompt, cut)) in keys
+                                              for cut, keys in cuts.items())]
     cli.say(f"the Hugging Face Hub cannot be reached ({reason}): held-out prompts from the bundled {BUNDLED_DATA} "
             f"(HH-RLHF test-split pairs) instead of {HUB_DATASET}'s test split: {len(kept)} of its {len(pairs)} test "
             f"pairs, less {len(pairs) - len(kept)} whose prompts {path} trained or validated on")

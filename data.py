@@ -394,12 +394,21 @@ class TokenizedPair:
     rejected_ids: list[int]
 
 
-def keep_prompt_end(prompt_ids: list[int], bos_token_id: int | None, max_prompt_length: int) -> list[int]:
-    """The prompt's BOS (if the tokenizer adds one) and its last tokens: the turns that matter.
-    At most max_prompt_length ids in all, the BOS included."""
-    bos = prompt_ids[:1] if prompt_ids and prompt_ids[0] == bos_token_id else []
-    rest, keep = prompt_ids[len(bos):], max(0, max_prompt_length - len(bos))
-    return bos + rest[max(0, len(rest) - keep):]  # not rest[-keep:]: at keep = 0 that is all of it
+def keep_prompt_end(prompt_ids: list[int], lead: tuple[int, ...] | int | None, max_prompt_length: int) -> list[int]:
+    """The prompt's lead (its BOS, or the special tokens a tokenizer puts before a text: prompt_lead;
+    an int is one BOS id), if the prompt starts with it, and its last tokens: the turns that
+    matter. At most max_prompt_length ids in all, the lead included."""
+    lead = list(lead) if isinstance(lead, tuple) else [] if lead is None else [lead]
+    head = lead if lead and prompt_ids[:len(lead)] == lead else []
+    rest, keep = prompt_ids[len(head):], max(0, max_prompt_length - len(head))
+    return head + rest[max(0, len(rest) - keep):]  # not rest[-keep:]: at keep = 0 that is all of it
+
+
+def prompt_lead(tokenizer) -> tuple[int, ...]:
+    """What leads a prompt and stays when it is cut: the special tokens the tokenizer puts before
+    a text (a BOS; GLM's "[gMASK] <sop>"; BERT's "[CLS]"), or else the BOS a chat template writes."""
+    before, _ = special_tokens_around(tokenizer)
+    return before or ((tokenizer.bos_token_id,) if tokenizer.bos_token_id is not None else ())
 
 
 @functools.cache
@@ -435,65 +444,68 @@ def led_by_specials(tokenizer, own: list[int]) -> list[int]:
     return [*before, *own] if before and own[:len(before)] != list(before) else own
 
 
-def answer_token_ids(tokenizer, prompt: str, prompt_own: list[int], answer: str) -> list[int]:
+def answer_token_ids(tokenizer, prompt: str, prompt_own: list[int], answer: str) -> list[int] | None:
     """An answer's token ids as the tokenizer writes it after its prompt: the tokens of prompt +
     answer past the prompt's own ones (prompt_own, without special tokens). Alone, some tokenizers
     write a text's start otherwise: SentencePiece's dummy prefix puts a space before it, so an
     answer tokenised apart would read " Hi" where the template wrote "Hi" (docs/PITFALLS.md 19).
-    Where a token spans the seam (the whole does not begin with the prompt's own tokens), there is
-    no clean cut: the answer's own tokens (docs/PITFALLS.md 1)."""
+    Where a token spans the seam (the whole does not begin with the prompt's own tokens) there is
+    no clean cut: the answer's own tokens (docs/PITFALLS.md 1), if prompt and answer so
+    tokenised still read as the whole text; else None."""
     whole = tokenizer(prompt + answer, add_special_tokens=False).input_ids
     if whole[:len(prompt_own)] == prompt_own:
         return whole[len(prompt_own):]
-    return tokenizer(answer, add_special_tokens=False).input_ids
+    alone = tokenizer(answer, add_special_tokens=False).input_ids
+    read = lambda ids: tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return alone if read(prompt_own + alone) == read(whole) else None
+
+
+def prompt_text(prompt: str) -> str:
+    """The text a prompt's ids are made of: the prompt less its trailing spaces, which start each
+    answer instead. A space before a word is that word's (" Yes", one token), and with a dummy
+    prefix an answer after "Answer: " would read "Answer:  Yes" (docs/PITFALLS.md 19). The whole
+    text is unchanged; only where it is cut."""
+    return prompt.rstrip(" ")
 
 
 def kept_prompt_ids(tokenizer, prompt: str, max_prompt_length: int) -> list[int]:
-    """The prompt's ids as a run keeps them: its BOS, if any, and its last tokens (keep_prompt_end)."""
-    return keep_prompt_end(prompt_token_ids(tokenizer, prompt), tokenizer.bos_token_id, max_prompt_length)
+    """The prompt's ids as a run keeps them and generation reads them: its lead, if any, and its
+    last tokens (keep_prompt_end), of its text less trailing spaces (prompt_text)."""
+    return keep_prompt_end(prompt_token_ids(tokenizer, prompt_text(prompt)), prompt_lead(tokenizer), max_prompt_length)
+
+
+SEAM_DROP = "no clean cut between prompt and answer (a token spans it; apart they read otherwise)"
 
 
 def tokenize_pair(pair: Pair, tokenizer, max_length: int, max_prompt_length: int) -> TokenizedPair | str:
     """Token ids of prompt and responses, or a drop reason. The prompt is tokenised on its own,
     so chosen and rejected rows share its tokens (docs/PITFALLS.md 1), with the special tokens
     a tokenizer puts before a text, never the ones after it; each answer as the tokenizer writes
-    it after the prompt (answer_token_ids, docs/PITFALLS.md 19).
+    it after the prompt (answer_token_ids, docs/PITFALLS.md 19), the prompt's trailing spaces
+    its start (prompt_text). A row is then the whole text as the tokenizer writes it, or reads
+    as it; where neither holds, the pair is dropped (SEAM_DROP).
 
     The prompt keeps its last max_prompt_length tokens (the turns that matter, docs/PITFALLS.md 11)
-    and its BOS if the tokenizer adds one; responses get EOS (docs/PITFALLS.md 2) and keep their
+    and its lead (a BOS) if it has one; responses get EOS (docs/PITFALLS.md 2) and keep their
     start. A response cut by max_length loses its EOS: it did not end there. A prompt of no
     token at all (empty text, a tokenizer without BOS) is dropped: the answer's first token
     would be scored from a column that has seen the whole answer.
     """
-    own = tokenizer(pair.prompt, add_special_tokens=False).input_ids
-    prompt_ids = keep_prompt_end(led_by_specials(tokenizer, own), tokenizer.bos_token_id, max_prompt_length)
+    text = prompt_text(pair.prompt)
+    carried = pair.prompt[len(text):]  # its trailing spaces: the answers' start
+    own = tokenizer(text, add_special_tokens=False).input_ids
+    prompt_ids = keep_prompt_end(led_by_specials(tokenizer, own), prompt_lead(tokenizer), max_prompt_length)
     if not prompt_ids:  # no BOS, no text: nothing before the answer's first token to predict it from
         return "empty prompt"
+    answers = [answer_token_ids(tokenizer, text, own, carried + answer) for answer in (pair.chosen, pair.rejected)]
+    if None in answers:
+        return SEAM_DROP
     budget = max_length - len(prompt_ids)
     eos = [tokenizer.eos_token_id]
-    chosen_ids = (answer_token_ids(tokenizer, pair.prompt, own, pair.chosen) + eos)[:budget]
-    rejected_ids = (answer_token_ids(tokenizer, pair.prompt, own, pair.rejected) + eos)[:budget]
+    chosen_ids, rejected_ids = ((ids + eos)[:budget] for ids in answers)
     if budget <= 0 or not chosen_ids or not rejected_ids:
         return "no response token left after truncation"
     return TokenizedPair(prompt_ids, chosen_ids, rejected_ids)
-
-
-def seam_problem(tokenizer, pair: Pair) -> str | None:
-    """None when the rows tokenize_pair makes of a pair read as its prompt followed directly by
-    each answer, as the tokenizer writes the whole text; else what stands at the seam, in words.
-    Measured at the start of a run on its own pairs (docs/PITFALLS.md 19)."""
-    def read(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    own = tokenizer(pair.prompt, add_special_tokens=False).input_ids
-    prompt = led_by_specials(tokenizer, own)
-    for answer in (pair.chosen, pair.rejected):
-        row, whole = read(prompt + answer_token_ids(tokenizer, pair.prompt, own, answer)), read(
-            prompt_token_ids(tokenizer, pair.prompt + answer))
-        if row != whole:
-            at = next((i for i, (a, b) in enumerate(zip(row, whole)) if a != b), min(len(row), len(whole)))
-            return (f"a row reads {row[max(0, at - 20):at + 20]!r} where the whole text reads "
-                    f"{whole[max(0, at - 20):at + 20]!r}")
-    return None
 
 
 def fingerprint(items: list[TokenizedPair]) -> str:

@@ -194,6 +194,13 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> tuple[int, int]:
             replaced += 1
     if replaced == 0:
         raise ValueError(f"no nn.Linear/Conv1D module matches the LoRA targets {list(targets)}")
+    adapted = {name.rsplit(".", 1)[-1] for name, _ in lora_layers(model)}
+    for target in targets:
+        if target not in adapted:  # a name that adapts nothing would be announced as adapted
+            others = sorted({type(module).__name__ for name, module in model.named_modules()
+                             if name.rsplit(".", 1)[-1] == target})
+            raise ValueError(f"LoRA target {target!r} names no nn.Linear or Conv1D layer"
+                             + (f" (only {', '.join(others)})" if others else " (no layer of that name)"))
     return count_parameters(model)
 
 

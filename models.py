@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import json
 import math
 import os
 import sys
@@ -135,17 +136,25 @@ def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", ve
     return model.eval(), tokenizer
 
 
-def weights_sha256(model: nn.Module) -> str:
-    """sha256 of a model's weights as loaded (names, shapes and values; floats as bf16, so that the
-    same weights loaded in fp32 by judge.py and in bf16 by train.py give one hash, as from_pretrained
+def weights_sha256(model: nn.Module, dtype: str | torch.dtype) -> str:
+    """sha256 of a base model as a run of that dtype computes with it: its config (what it does
+    with its weights: rotary base, window, norms; less names, paths, versions and its own dtype)
+    and its weights, floats in dtype (judge.py loads fp32 what a bf16 run trained on; from_pretrained
     rounds to bf16 as .to(bfloat16) does). With the token ids' fingerprints it is a run's identity:
-    the reference's log-probs are cached from these weights (docs/PITFALLS.md 21)."""
-    digest = hashlib.sha256()
+    the reference's log-probs are cached from this very model (docs/PITFALLS.md 21)."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    settings = {key: value for key, value in model.config.to_dict().items()
+                if not key.startswith("_") and key not in CONFIG_NOT_THE_MODEL}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().to("cpu", torch.bfloat16 if tensor.is_floating_point() else tensor.dtype).contiguous()
+        tensor = tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
         digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype};".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+# What a config holds that is not the model: where it came from and how it was loaded.
+CONFIG_NOT_THE_MODEL = {"dtype", "torch_dtype", "transformers_version", "use_cache", "name_or_path", "architectures"}
 
 
 def load_tokenizer(name: str, verbose: bool = False):

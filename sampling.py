@@ -62,7 +62,7 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
     Prompts are left-padded so that each ends where generation starts; generate() takes the
     position ids from the attention mask, which GPT-2's absolute positions need (docs/PITFALLS.md 4).
     A prompt too long for the context keeps its last tokens (docs/PITFALLS.md 11). Its ids are
-    the ones training reads (data.prompt_token_ids): its BOS once, never an EOS after it
+    the ones training reads (data.kept_prompt_ids): its BOS once, never an EOS after it
     (docs/PITFALLS.md 19).
     """
     max_prompt_tokens = model.config.max_position_embeddings - max_new_tokens
@@ -79,8 +79,8 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
             if wanted.isdisjoint(positions):
                 continue
             torch.manual_seed(seed * 1_000_003 + start // batch_size)  # distinct for every (seed, batch) a run meets
-            batch = left_padded([data.keep_prompt_end(data.prompt_token_ids(tokenizer, prompts[i]), tokenizer.bos_token_id,
-                                                      max_prompt_tokens) for i in positions], tokenizer.pad_token_id, model.device)
+            batch = left_padded([data.kept_prompt_ids(tokenizer, prompts[i], max_prompt_tokens) for i in positions],
+                                tokenizer.pad_token_id, model.device)
             output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                     eos_token_id=stop_ids, **sampling)  # (B, T + new)
             progress.update(len(wanted.intersection(positions)))  # before yielding: the caller may stop reading

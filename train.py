@@ -279,9 +279,10 @@ def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.dev
     config = models.with_measured_dtype(config, device, world_size, announce)  # after the data's checks
     announce(f"loading {config.model}")
     model, tokenizer = models.load_model_and_tokenizer(config.model, config.dtype)
-    base_sha256 = models.weights_sha256(model)  # the weights the reference comes from: part of the run's identity
-    if sft_stage is not None:
-        checkpoints.check_same_base(sft_stage, sft_stage["checkpoint"], base_sha256, config.model)
+    base_sha256 = models.weights_sha256(model, config.dtype)  # the model the reference comes from: the run's identity
+    if sft_stage is not None:  # the SFT run's model, as that run computed with it
+        sft_dtype = settings.config_from_dict(sft_stage["config"]).dtype
+        checkpoints.check_same_base(sft_stage, sft_stage["checkpoint"], models.weights_sha256(model, sft_dtype), config.model)
     global_batch = config.batch_size * world_size  # pairs per micro-step, all ranks together
     train_items, val_items, test_items = tokenized_splits(config, model, tokenizer, splits, global_batch, dropped, announce)
     checkpoints.fold_sft_stage(model, sft_stage)  # the SFT model: DPO's starting policy and, adapters off, its reference
@@ -326,9 +327,10 @@ def tokenized_splits(config: TrainConfig, model: nn.Module, tokenizer, splits: d
                      dropped: dict, announce: typing.Callable[[str], None]) -> data.Splits:
     """The train, validation and test pairs as token ids (data.tokenize_splits, drops counted), or
     one line saying why they cannot train this model. What a row holds is measured on the run's
-    own tokenizer and first pairs first (docs/PITFALLS.md 19, 21): the special tokens it puts
-    after a text stay out of prompts (said), and a row must read as its prompt followed directly
-    by its answer, or the run stops."""
+    own tokenizer first (docs/PITFALLS.md 19, 21): the special tokens it puts after a text stay
+    out of prompts, and a chat template that writes the date renders as of one day (each said);
+    a pair whose row would not read as its prompt followed directly by its answer is dropped and
+    counted (data.tokenize_pair)."""
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if positions is not None and config.max_length > positions:
         raise ValueError(f"--max-length {config.max_length} exceeds the model's {positions} positions")
@@ -339,10 +341,9 @@ def tokenized_splits(config: TrainConfig, model: nn.Module, tokenizer, splits: d
     if data.template_is_dated(tokenizer):
         announce(f"the chat template writes the date it is rendered on: conversations are rendered as of "
                  f"{data.TEMPLATE_DATE:%d %b %Y}, so the run's token ids are the same on any day")
-    for pair in [*splits.train, *splits.validation][:SEAM_PAIRS]:
-        if (problem := data.seam_problem(tokenizer, pair)) is not None:
-            raise DataError(f"the tokenizer puts something between a prompt and its answer: {problem}; these rows "
-                            f"would train on text the data does not hold")
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token, so no answer can be scored as ending (docs/PITFALLS.md 2): "
+                        "give it one (eos_token in its tokenizer_config.json)")
     items = data.tokenize_splits(splits, tokenizer, config.max_length, config.max_prompt_length, dropped)
     if len(items[0]) < global_batch or not items[1] or (config.test_size and not items[2]):
         raise DataError(f"too few usable pairs: {len(items[0])} train, {len(items[1])} validation, {len(items[2])} test "
@@ -359,9 +360,6 @@ def targets_chosen_by(config: TrainConfig, model: nn.Module) -> str:
     skipped = "; left out: " + "; ".join(f"{name} ({why})" for name, why in sorted(left_out.items())) if left_out else ""
     return (f" (by module type: {model.config.model_type} has no default targets, so every linear layer of its blocks "
             f"that can take an adapter{skipped})")
-
-
-SEAM_PAIRS = 8  # the run's first pairs whose rows are read back as text before it trains
 
 
 def announce_model(config: TrainConfig, lora_config: lora.LoRAConfig, chosen_by: str, trainable: int, total: int,
@@ -679,6 +677,14 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         parser.error(str(error))
 
 
+def last_checkpoint(config: TrainConfig) -> Path:
+    """The last.pt that continues the run of these command-line settings: in its folder (a resumed
+    run's own, unless --checkpoint-dir moved it), else the one it was resumed from."""
+    folder = Path(config.resume).parent if config.resume and config.checkpoint_dir == TrainConfig.checkpoint_dir \
+        else Path(config.checkpoint_dir)
+    return folder / "last.pt" if (folder / "last.pt").exists() or not config.resume else Path(config.resume)
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
@@ -690,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
     except checkpoints.WriteFailed as error:  # a full disk: the checkpoint written before stays whole
-        last = Path(config.resume or Path(config.checkpoint_dir) / "last.pt")
+        last = last_checkpoint(config)
         resume = f"; {last} is whole: free space and continue with --resume {last}" if last.exists() else ""
         print(f"train.py: error: {error}{resume}", file=sys.stderr)
         return 1
@@ -699,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop or after it (the test score, the report)
-        last = Path(config.resume or Path(config.checkpoint_dir) / "last.pt")
+        last = last_checkpoint(config)
         print("train.py: interrupted; " + (f"{last} holds the run up to its last saved step: --resume {last} continues "
                                             f"it, and scores the test pairs and writes report.html when it finishes"
                                             if last.exists() else "no checkpoint was written yet: nothing to resume"),

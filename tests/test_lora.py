@@ -144,6 +144,10 @@ def test_layers_that_do_not_return_one_tensor_take_no_adapter_by_default_and_are
     with pytest.raises(ValueError, match=r"LoRA target model\.layers\.0\.mlp\.router is a PhimoeTopKRouter whose "
                                          r"forward returns a tuple.*leave 'router' out of the targets"):
         lora.add_lora(tiny_phimoe(), lora.LoRAConfig(r=4, targets=("q_proj", "router")))
+    with pytest.raises(ValueError, match=r"LoRA target 'experts' names no nn.Linear or Conv1D layer \(only PhimoeExperts\)"):
+        lora.add_lora(tiny_phimoe(), lora.LoRAConfig(r=4, targets=("q_proj", "experts")))  # not announced as adapted
+    with pytest.raises(ValueError, match=r"LoRA target 'q_prj' names no nn.Linear or Conv1D layer \(no layer of that name\)"):
+        lora.add_lora(tiny_phimoe(), lora.LoRAConfig(r=4, targets=("q_proj", "q_prj")))
     assert lora.fit(nn.Linear(3, 2)) is None and lora.fit(Conv1D(2, 3)) is None and "not an nn.Linear" in lora.fit(nn.ReLU())
 
 

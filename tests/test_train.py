@@ -837,8 +837,10 @@ def test_step_zero_is_measured_a_model_random_in_train_mode_trains_one_random_al
 
 
 def test_a_base_model_whose_weights_changed_under_its_name_is_refused_by_resume_judge_report_and_export(tmp_path):
-    """The same folder, the same config, other weights: --resume went on against a reference
-    cached from the old ones. A run's identity covers its base weights (models.weights_sha256)."""
+    """The same folder, the same config, other weights (other values, the same ones rounded to
+    bf16 for an fp32 run, or the same ones under another config): --resume went on against a
+    reference cached from the old model. A run's identity covers its base model
+    (models.weights_sha256: config and weights, in the run's dtype)."""
     import export
     import judge
     import report_page
@@ -861,6 +863,18 @@ def test_a_base_model_whose_weights_changed_under_its_name_is_refused_by_resume_
         report_page.write_report(tmp_path / "run")
     with pytest.raises(ValueError, match=message):
         export.export(best, peft=str(tmp_path / "peft"))
+    rounded = tiny_gpt2(seed=0, vocab_size=len(tokenizer))
+    with torch.no_grad():
+        for parameter in rounded.parameters():
+            parameter.copy_(parameter.to(torch.bfloat16).float())  # saved back rounded: other fp32 weights
+    model_folder(folder, rounded, tokenizer)
+    with pytest.raises(ValueError, match=message):
+        train.train(dataclasses.replace(config, resume=last))
+    other_config = tiny_gpt2(seed=0, vocab_size=len(tokenizer))
+    other_config.config.layer_norm_epsilon = 0.5  # the very weights, computed with otherwise
+    model_folder(folder, other_config, tokenizer)
+    with pytest.raises(ValueError, match=message):
+        train.train(dataclasses.replace(config, resume=last))
     model_folder(folder, tiny_gpt2(seed=0, vocab_size=len(tokenizer)), tokenizer)  # the weights it trained from, again
     assert train.main(["--resume", last, "--no-progress"]) == 0
 
@@ -909,11 +923,12 @@ def test_a_run_whose_chat_template_writes_the_date_resumes_and_is_judged_the_nex
                                      num_test_questions=1, max_new_tokens=2), judge=lambda *question: 0.5)
 
 
-def test_a_tokenizer_that_puts_something_between_prompt_and_answer_is_fixed_or_refused_in_one_line(tmp_path, capsys):
+def test_a_tokenizer_that_puts_something_between_prompt_and_answer_is_fixed_or_its_pairs_dropped(tmp_path, capsys):
     """Measured on the run's own tokenizer at its start: an EOS it puts after every text
-    (add_eos_token) stays out of every prompt, said once; a seam it cannot cut cleanly (a token
-    spanning "\\n" and the answer's "H", with a dummy prefix space before an answer alone) stops
-    the run in one line rather than train on a space the data does not hold."""
+    (add_eos_token) stays out of every prompt, said once; a pair whose seam cannot be cut cleanly
+    (a token spanning "\\n" and the answer's "H", with a dummy prefix space before an answer
+    alone) is dropped and counted rather than trained on a space the data does not hold; a
+    tokenizer without EOS is one line (no answer could be scored as ending)."""
     from conftest import sentencepiece_style_tokenizer, tiny_llama
     rows = [{"prompt": f"{H} Question {i}?\n", "chosen": "Hi, yes.", "rejected": "No."} for i in range(16)]
     data_file = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -930,8 +945,14 @@ def test_a_tokenizer_that_puts_something_between_prompt_and_answer_is_fixed_or_r
     assert train.main(["--data", data_file, "--model", folder, "--val-size", "4", "--test-size", "4", "--max-length", "48",
                        "--max-prompt-length", "24", "--checkpoint-dir", str(tmp_path / "refused")]) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("train.py: error: the tokenizer puts something between a prompt and its answer: a row reads "
-                            "'") and "where the whole text reads" in error and not (tmp_path / "refused" / "last.pt").exists()
+    assert error == (f"train.py: error: too few usable pairs: 0 train, 0 validation, 0 test (dropped: "
+                     f"{{{data.SEAM_DROP!r}: 16}})") and not (tmp_path / "refused" / "last.pt").exists()
+    no_eos = sentencepiece_style_tokenizer()
+    no_eos.eos_token = None
+    folder = model_folder(tmp_path / "no-eos", tiny_llama(vocab_size=len(no_eos)), no_eos)
+    assert train.main(["--data", data_file, "--model", folder, "--val-size", "4", "--test-size", "4", "--max-length", "48",
+                       "--max-prompt-length", "24", "--checkpoint-dir", str(tmp_path / "no-eos-run")]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("train.py: error: the tokenizer has no EOS token")
 
 
 def test_an_sft_stage_made_with_a_longer_prompt_cut_never_trained_on_what_the_dpo_run_holds_out(tmp_path, tiny_gpt2_dir):
@@ -983,6 +1004,23 @@ def test_offline_the_test_pairs_of_a_run_on_the_hubs_data_leave_out_what_it_trai
     said = capsys.readouterr().err
     assert f"{len(pairs)} of its {len(stand_in)} test pairs, less {len(stand_in) - len(pairs)} whose prompts best.pt " \
            f"trained or validated on" in said
+    sft_config = tiny_config(data.HUB_DATASET, tiny_gpt2_dir, tmp_path / "sft", loss_type="sft", max_steps=1, num_examples=0)
+    after_sft = tiny_config(data.HUB_DATASET, tiny_gpt2_dir, tmp_path / "dpo", max_steps=1, num_examples=2,
+                            sft_checkpoint=str(tmp_path / "sft" / "best.pt"))
+    monkeypatch.setattr(models, "hub_unreachable_reason", lambda: None)
+    train.train(sft_config)
+    train.train(after_sft)  # its own 2 training pairs, its SFT stage's 4
+    sft_seen = {pair.prompt for pair in checkpoints.split_data_of(sft_config).train}
+    assert not sft_seen <= {pair.prompt for pair in checkpoints.split_data_of(after_sft).train}
+    monkeypatch.setattr(models, "hub_unreachable_reason", lambda: "HF_HUB_OFFLINE is set")
+    bundled = write_jsonl(tmp_path / "bundled-2.jsonl", [record(f"{H} Question {i}?{A}", f" Answer {i}.", " No.")
+                                                        for i in [*range(0, 12), *range(200, 208)]])
+    monkeypatch.setattr(checkpoints, "BUNDLED_DATA", bundled)
+    stand_in = checkpoints.split_data_of(dataclasses.replace(config, data=bundled)).test
+    pairs = checkpoints.held_out_pairs(checkpoints.load_checkpoint(str(tmp_path / "dpo" / "best.pt")), "dpo/best.pt")
+    own_seen = {pair.prompt for split in checkpoints.split_data_of(after_sft)[:2] for pair in split}
+    assert {pair.prompt for pair in stand_in} & (sft_seen - own_seen)  # pairs only its SFT stage trained on
+    assert pairs == [pair for pair in stand_in if pair.prompt not in own_seen | sft_seen]
     older = {key: value for key, value in best.items() if key != "seen_prompts"}
     with pytest.raises(ValueError, match="does not record which prompts its run trained and validated on .* so no "
                                          "held-out pairs can be had offline"):
@@ -1016,3 +1054,9 @@ def test_ctrl_c_during_the_end_of_run_test_score_is_one_line_and_resume_makes_th
     assert train.main(["--resume", str(last), "--no-progress"]) == 0
     assert [row["split"] for row in checkpoints.read_log(run_dir / "metrics.jsonl")].count("test") == 1
     assert (run_dir / "report.html").exists()
+    moved = train.parse_args(["--resume", str(last), "--checkpoint-dir", str(tmp_path / "moved")])
+    assert train.last_checkpoint(moved) == last  # the moved run's own last.pt is not written yet
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved" / "last.pt").write_bytes(b"")
+    assert train.last_checkpoint(moved) == tmp_path / "moved" / "last.pt"  # then it is the one that continues
+    assert train.last_checkpoint(train.parse_args(["--resume", str(last)])) == last
