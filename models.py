@@ -129,7 +129,7 @@ def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", ve
     """
     from transformers import AutoModelForCausalLM
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    tokenizer = load_tokenizer(name, verbose)
+    tokenizer = load_tokenizer(name, verbose) if verbose else cached_tokenizer(name)  # once a process (20 s from a GGUF)
     with model_files(name, verbose) as (folder, gguf):
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
     disable_dropout(model)
@@ -169,6 +169,8 @@ def load_tokenizer(name: str, verbose: bool = False):
 
 @functools.cache
 def cached_tokenizer(name: str):
+    """load_tokenizer, once a process for each model: the data's checks, the model's load, the
+    report and the judge all read the same tokenizer (from a GGUF file it takes ~20 s to build)."""
     return load_tokenizer(name)
 
 

@@ -45,5 +45,5 @@ def test_steps_take_batches_in_file_order_and_wrap_around():
 
 
 def test_prompt_cut_keeps_bos_and_the_last_tokens():
-    assert data.keep_prompt_end([2, 10, 11, 12, 13], bos_token_id=2, max_prompt_length=3) == [2, 12, 13]
-    assert data.keep_prompt_end([10, 11, 12, 13], bos_token_id=None, max_prompt_length=3) == [11, 12, 13]
+    assert data.keep_prompt_end([2, 10, 11, 12, 13], lead=2, max_prompt_length=3) == [2, 12, 13]
+    assert data.keep_prompt_end([10, 11, 12, 13], lead=None, max_prompt_length=3) == [11, 12, 13]

@@ -56,15 +56,17 @@ def test_judge_without_the_hub_prints_the_seeds_lines_and_the_judges_agreement(o
     assert lines[-1].startswith("Judge agreement with people") and "2 human-labelled pairs" in lines[-1]
 
 
-def test_a_checkpoint_of_the_gguf_model_exports_a_merged_folder_transformers_loads(offline_run, tmp_path):
+def test_a_checkpoint_of_the_gguf_model_exports_a_merged_folder_transformers_loads(offline_run, tmp_path, capsys):
     """save_pretrained refuses a model transformers loaded from GGUF; export.py's merged folder of the
-    real Gemma 3 270M loads with from_pretrained and gives our model's logits."""
+    real Gemma 3 270M loads with from_pretrained and gives our model's logits. (export.py's main in
+    this process: the GGUF's tokenizer, 25 s to build, is built once for both sides.)"""
     import torch
     from transformers import AutoModelForCausalLM
+
+    import export
     _, run_dir = offline_run
-    done = subprocess.run([sys.executable, str(ROOT / "export.py"), str(run_dir / "best.pt"), "--merged", str(tmp_path / "m")],
-                          cwd=tmp_path, env=offline_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert export.main([str(run_dir / "best.pt"), "--merged", str(tmp_path / "m")]) == 0
+    assert "Traceback" not in capsys.readouterr().err
     ours, tokenizer = checkpoints.load_policy(checkpoints.load_checkpoint(str(run_dir / "best.pt")))
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")).eval()
     ids = tokenizer("\n\nHuman: What is a good name for a cat?\n\nAssistant:", return_tensors="pt").input_ids
