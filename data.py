@@ -432,8 +432,8 @@ SEAM_PROBE = "Hello there"
 def prompt_token_ids(tokenizer, text: str) -> list[int]:
     """A prompt's token ids, whole: the special tokens the tokenizer puts before a text (its BOS;
     not when the text writes it itself, as Gemma's chat template writes "<bos>"), then the
-    text's own, never those it puts after a text. The one way a prompt becomes ids, for
-    training, scoring and generation alike."""
+    text's own, never those it puts after a text (kept_prompt_ids: as training, scoring and
+    generation read a prompt)."""
     return led_by_specials(tokenizer, tokenizer(text, add_special_tokens=False).input_ids)
 
 
