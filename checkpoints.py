@@ -104,17 +104,17 @@ def load_base(checkpoint: dict, path: str, dtype: str | torch.dtype = torch.floa
 
 def check_same_base(checkpoint: dict, path: str, base_sha256: str, model: str) -> None:
     """The base model is the one a checkpoint's run trained from (its base_sha256: config and
-    weights), or one line: a folder or file overwritten with other weights under the same name would give
-    another reference than the one its log-probs were cached from, and another policy than the
-    one it trained (docs/PITFALLS.md 21). An older checkpoint has no such hash: said."""
+    weights), or one line: a folder or file overwritten with other weights under the same name
+    would give another reference than the one its log-probs were cached from, and another policy
+    than the one it trained (docs/PITFALLS.md 21). An older checkpoint has no such hash: said."""
     saved = checkpoint.get("base_sha256")
     if saved is None:
         cli.say(f"{path} has no hash of its base model's weights (an older train.py wrote it): nothing shows "
                 f"{model} holds the weights it trained from")
     elif saved != base_sha256:
-        raise ValueError(f"{path} was trained from other weights than {model} holds now (the sha256 of its config and "
-                         f"weights differ: was the model replaced under the same name?): its reference and adapters belong to those; "
-                         f"use the model it was made with, or start a new run")
+        raise ValueError(f"{path} was trained from other weights than {model} holds now (the sha256 of its config "
+                         f"and weights differ: was the model replaced under the same name?): its reference and "
+                         f"adapters belong to those; use the model it was made with, or start a new run")
 
 
 def add_trained_adapters(model: nn.Module, checkpoint: dict) -> nn.Module:
@@ -183,8 +183,8 @@ def held_out_prompts_trained(sft_splits: data.Splits, sft: settings.TrainConfig,
     shorter = min(sft.max_prompt_length, config.max_prompt_length)
     cut = lambda item: tuple(data.keep_prompt_end(item.prompt_ids, data.prompt_lead(tokenizer), shorter))
     held_out = {cut(item) for item in held.validation + held.test}
-    cut_trained = [data.TokenizedPair(list(cut(item)), [], []) for item in trained]
-    return sum(tuple(item.prompt_ids) in held_out for item in cut_trained), data.prompt_keys(cut_trained)
+    trained_prompts = [cut(item) for item in trained]
+    return sum(prompt in held_out for prompt in trained_prompts), data.prompt_keys(trained_prompts)
 
 
 def init_adapters_of(config: settings.TrainConfig) -> tuple[settings.TrainConfig, dict]:
@@ -263,8 +263,8 @@ def held_out_pairs(checkpoint: dict, path: str) -> list[data.Pair]:
 def stand_in_test_pairs(checkpoint: dict, path: str, saved: settings.TrainConfig, reason: str) -> list[data.Pair]:
     """Held-out pairs for a run on the Hub's Anthropic/hh-rlhf where the Hub cannot be reached:
     the bundled file's test split (HH-RLHF test-split pairs too), less every pair whose kept
-    prompt the run, or its SFT stage, trained or validated on (seen_prompts): the two files shuffle apart, so
-    some of the bundled test pairs are that run's validation pairs, on which best.pt was chosen.
+    prompt the run, or its SFT stage, trained or validated on (seen_prompts): the two files
+    shuffle apart, so some bundled test pairs are that run's validation pairs (best.pt's choice).
     A checkpoint that does not say what it saw (an older train.py) gets none: one line."""
     seen = checkpoint.get("seen_prompts")
     if seen is None:

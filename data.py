@@ -522,11 +522,11 @@ def prompt_key(prompt_ids: list[int]) -> int:
     return int.from_bytes(hashlib.sha256(json.dumps(list(prompt_ids)).encode()).digest()[:8], "little", signed=True)
 
 
-def prompt_keys(items: list[TokenizedPair]) -> Tensor:
-    """The distinct kept prompts of items (prompt_key), sorted: what "one prompt" means to a run
-    (kept_apart), small enough for a checkpoint to carry every one it trained or validated on,
-    so that a program that shows "test" pairs from elsewhere can leave those out."""
-    return torch.tensor(sorted({prompt_key(item.prompt_ids) for item in items}), dtype=torch.int64)
+def prompt_keys(prompts: Iterable[list[int]]) -> Tensor:
+    """The distinct kept prompts given (their ids; prompt_key), sorted: what "one prompt" means to
+    a run (kept_apart), small enough for a checkpoint to carry every one it trained or validated
+    on, so that a program that shows "test" pairs from elsewhere can leave those out."""
+    return torch.tensor(sorted({prompt_key(ids) for ids in prompts}), dtype=torch.int64)
 
 
 def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int, max_prompt_length: int,

@@ -154,7 +154,7 @@ def weights_sha256(model: nn.Module, dtype: str | torch.dtype) -> str:
 
 
 # What a config holds that is not the model: where it came from and how it was loaded.
-CONFIG_NOT_THE_MODEL = {"dtype", "torch_dtype", "transformers_version", "use_cache", "name_or_path", "architectures"}
+CONFIG_NOT_THE_MODEL = {"dtype", "torch_dtype", "transformers_version", "use_cache", "architectures"}  # and "_..." keys
 
 
 def load_tokenizer(name: str, verbose: bool = False):

@@ -316,7 +316,8 @@ def build_run(config: TrainConfig, rank: int, world_size: int, device: torch.dev
     fingerprints = {"train": data.fingerprint(train_items), "validation": data.fingerprint(val_items)}
     if config.test_size:
         fingerprints["test"] = data.fingerprint(test_items)
-    seen = {"train": data.prompt_keys(train_items), "validation": data.prompt_keys(val_items)}
+    seen = {name: data.prompt_keys(item.prompt_ids for item in items) for name, items in
+            (("train", train_items), ("validation", val_items))}
     collate = models.collate_function(config, model, tokenizer.pad_token_id, announce)
     return Run(config, rank, world_size, device, run_dir, train_items, val_items, test_items, dropped, model, tokenizer, collate,
                lora_config, sft_stage, scorer, optimizer, ReferenceCache(len(train_items)), ReferenceCache(len(val_items)),
