@@ -24,7 +24,9 @@ import contextlib
 import dataclasses
 import inspect
 import math
+import shlex
 import signal
+import statistics
 import sys
 import time
 import typing
@@ -77,6 +79,7 @@ class ReferenceCache:
 
     def __init__(self, size: int):
         self.values = torch.full((size, 2), float("nan"))
+        self.seconds = 0.0  # spent computing reference log-probs: the share of a step or validation a cache saves later
 
     @torch.no_grad()
     def get(self, model: nn.Module, batch: data.Batch, loss_type: str) -> tuple[Tensor, Tensor]:
@@ -84,10 +87,12 @@ class ReferenceCache:
         if missing.any():
             # Same network, adapters off, no grad (docs/PITFALLS.md 5). Computed for the whole
             # batch, stored only where missing.
+            began = time.perf_counter()
             with lora.adapters_disabled(model):
                 logps = loss_logps(models.batch_logps(model, batch), loss_type)   # (2B,)
-            computed = torch.stack(logps.float().chunk(2), dim=-1).cpu()   # (B, 2)
+            computed = torch.stack(logps.float().chunk(2), dim=-1).cpu()   # (B, 2); .cpu() waits for the device
             self.values[batch.index[missing]] = computed[missing]
+            self.seconds += time.perf_counter() - began
         chosen, rejected = self.values[batch.index].to(batch.input_ids.device).unbind(-1)
         return chosen, rejected
 
@@ -162,6 +167,94 @@ def validation_metrics(model: nn.Module, items: list[data.TokenizedPair], refere
         metrics["pair_rewards"] = [[round(value, 6) for value in row]
                                    for row in rewards[torch.tensor(order).argsort()].tolist()]  # back in items' order
     return metrics
+
+
+# ---------------------------------------------------------------------------------------
+# What the run will cost on this machine: from its own timings, said once
+# ---------------------------------------------------------------------------------------
+
+COST_AFTER_STEPS = 5         # steps timed (after the first, which warms up) before a run says what it will cost
+QUICK_RUN_SECONDS = 30 * 60  # a run estimated past this is told the command for one that fits
+
+
+@dataclass
+class Timings:
+    """What a run's parts take here, measured as it goes (seconds)."""
+    setup: float = 0.0                     # train() called to the first step: load, tokenise, probe, step 0's validation
+    steps: list = dataclasses.field(default_factory=list)  # this session's steps: (wall time, of which the reference's log-probs)
+    validation: float | None = None        # one validation pass with its reference cached
+    forward_per_pair: float | None = None  # one no-grad forward of a pair (the test score takes two: reference, policy)
+    said: bool = False
+
+    def observe_validation(self, seconds: float, reference_seconds: float, pairs: int) -> None:
+        self.validation = seconds - reference_seconds  # later passes read the cached reference
+        self.forward_per_pair = self.validation / pairs
+
+    def ready(self) -> bool:
+        return not self.said and len(self.steps) > COST_AFTER_STEPS and self.validation is not None
+
+    def step_seconds(self) -> tuple[float, float]:
+        """Median wall time of a step and of its reference share, the first step left out."""
+        timed = self.steps[1:]
+        return statistics.median(wall for wall, _ in timed), statistics.median(reference for _, reference in timed)
+
+
+def seconds_for(timings: Timings, config: TrainConfig, first: int, last: int, total_steps: int,
+                batches_per_epoch: int, test_pairs: int) -> float:
+    """Steps first..last-1 (0-based) of a run of total_steps, their validations and the test score,
+    from measured timings: a step of the first epoch computes its pairs' reference log-probs, a
+    later one reads them from the cache."""
+    step_seconds, reference_seconds = timings.step_seconds()
+    steps = range(first, last)
+    cached = sum(1 for step in steps if (step + 1) * config.grad_accum > batches_per_epoch)  # past the first epoch
+    validations = sum(1 for step in range(first + 1, last + 1) if step % config.eval_every == 0 or step == total_steps)
+    test_forwards = test_pairs * (1 if config.loss_type == "sft" else 2)
+    return (len(steps) * step_seconds - cached * reference_seconds + validations * timings.validation
+            + test_forwards * timings.forward_per_pair)
+
+
+def cost_line(run: Run, state: RunState, timings: Timings, asked: TrainConfig, elapsed: float) -> str:
+    """The run's estimated wall time here, in one line; past QUICK_RUN_SECONDS, with the command
+    for a run that fits (fewer training pairs, from the same timings) and what it gives up."""
+    config, test_pairs = run.config, len(run.test_items)
+    left = seconds_for(timings, config, state.step, run.total_steps, run.total_steps, run.batches_per_epoch, test_pairs)
+    step_seconds, _ = timings.step_seconds()
+    line = (f"this run: about {minutes(elapsed + left)} in all on this machine, {minutes(left)} from now "
+            f"({step_seconds:.2f} s a step, {timings.validation:.0f} s a validation, measured on this run"
+            f"{'; sooner if early stopping ends it' if config.early_stop_patience else ''}; report.html after)")
+    if elapsed + left <= QUICK_RUN_SECONDS or config.resume:
+        return line
+    fits = lambda steps: timings.setup + seconds_for(timings, config, 0, steps, steps, steps * config.grad_accum // config.epochs,
+                                                      test_pairs) <= QUICK_RUN_SECONDS  # its epochs are shorter
+    steps = max((steps for steps in range(1, run.total_steps) if fits(steps)), default=0)
+    pairs_per_step = config.batch_size * run.world_size * config.grad_accum
+    pairs = steps * pairs_per_step // config.epochs
+    budget = minutes(QUICK_RUN_SECONDS)
+    if pairs < pairs_per_step:
+        return (f"{line}. No run with fewer pairs fits {budget} here: loading, validation and the test score alone "
+                f"take about {minutes(timings.setup + seconds_for(timings, config, 0, 0, 1, 1, test_pairs))}")
+    quicker = dataclasses.replace(asked, num_examples=pairs, checkpoint_dir=f"{asked.checkpoint_dir.rstrip('/')}-{pairs}-pairs")
+    return (f"{line}. Within {budget} here: {command_line(quicker, run.world_size)} "
+            f"(trains on {pairs} of {len(run.train_items)} pairs: fewer pairs learn less; on the Gemma stand-in, "
+            f"validation loss 0.690 after 200 pairs, 0.615 after 400: docs/studies.md)")
+
+
+def minutes(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds / 60:.0f} min" if seconds >= 600 else f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 \
+        else f"{seconds} s"
+
+
+def command_line(config: TrainConfig, world_size: int = 1) -> str:
+    """The train.py command that gives config: its settings that differ from the defaults."""
+    words = ["python", "train.py"] if world_size == 1 else ["torchrun", f"--nproc_per_node={world_size}", "train.py"]
+    defaults = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        value, flag = getattr(config, field.name), "--" + field.name.replace("_", "-")
+        if value == getattr(defaults, field.name) or value is None:
+            continue
+        words += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return shlex.join(words)
 
 
 # ---------------------------------------------------------------------------------------
@@ -393,12 +486,16 @@ def checkpoint(run: Run, state: RunState, rng: list[dict] | None = None) -> dict
     return payload
 
 
-def validate(run: Run, state: RunState, metrics_file, say) -> None:
+def validate(run: Run, state: RunState, metrics_file, say, timings: Timings | None = None) -> None:
     """Validate (rank 0 only), log a row, keep best.pt, and decide early stopping."""
     run.model.eval()
+    began, reference_before = time.perf_counter(), run.val_reference.seconds
     metrics = validation_metrics(run.model, run.val_items, run.val_reference, run.config, run.collate)
+    seconds = time.perf_counter() - began
+    if timings is not None:
+        timings.observe_validation(seconds, run.val_reference.seconds - reference_before, len(run.val_items))
     lora.train_mode(run.model)
-    checkpoints.write_metrics(metrics_file, {"step": state.step, "split": "val", **metrics})
+    checkpoints.write_metrics(metrics_file, {"step": state.step, "split": "val", **metrics})  # no wall time: a run's rows repeat
     say(f"step {state.step} validation: {format_metrics(metrics)}")
     if state.observe(metrics, run.config.early_stop_patience):
         checkpoints.save_atomic(checkpoint(run, state), run.run_dir / "best.pt")
@@ -423,10 +520,11 @@ def restore(run: Run, checkpoint: dict) -> RunState:
     return state
 
 
-def accumulate_gradients(run: Run, step: int) -> tuple[list, int]:
+def accumulate_gradients(run: Run, step: int) -> tuple[list, int, int]:
     """Backward through the step's micro-batches: the adapters' gradients become those of the
     step's loss, its micro-batches' and ranks' summed losses over all their pairs (DPO) or all
-    their tokens (SFT) (docs/PITFALLS.md 12). (Each micro-batch's result, that count.)"""
+    their tokens (SFT) (docs/PITFALLS.md 12). (Each micro-batch's result, that count, and the
+    tokens of this rank's sequences, for tokens/s.)"""
     config = run.config
     batches = [run.micro_batch(step * config.grad_accum + micro) for micro in range(config.grad_accum)]
     units = ranks.sum_across_ranks(sum(loss_units(batch, config.loss_type) for batch in batches), run.world_size, run.device)
@@ -435,7 +533,7 @@ def accumulate_gradients(run: Run, step: int) -> tuple[list, int]:
         result = compute_loss(run.model, batch, run.train_reference, config, run.scorer)
         (result.total * run.world_size / units).backward()  # DDP averages the ranks' gradients: * world size
         results.append(result)
-    return results, units
+    return results, units, sum(batch.sequence_tokens for batch in batches)
 
 
 def optimizer_step(run: Run, step: int, parameters: list[nn.Parameter]) -> tuple[float, Tensor, dict]:
@@ -446,7 +544,7 @@ def optimizer_step(run: Run, step: int, parameters: list[nn.Parameter]) -> tuple
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     #### accumulate ####
-    micro_results, units = accumulate_gradients(run, step)
+    micro_results, units, sequence_tokens = accumulate_gradients(run, step)
     #### clip and check ####
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
     metrics = mean_metrics(type(micro_results[0]).concatenate(micro_results))
@@ -454,6 +552,7 @@ def optimizer_step(run: Run, step: int, parameters: list[nn.Parameter]) -> tuple
     if config.loss_type == "sft":  # per token over every rank's tokens, the loss the gradient is of
         total = ranks.sum_across_ranks(sum(result.total.item() for result in micro_results), run.world_size, run.device)
         metrics.update(loss=total / units, perplexity=math.exp(total / units), tokens=units)
+    metrics["sequence_tokens"] = ranks.sum_across_ranks(sequence_tokens, run.world_size, run.device)  # prompt counted in both
     if not (math.isfinite(metrics["loss"]) and torch.isfinite(grad_norm)):
         raise TrainingError(f"non-finite loss ({metrics['loss']}) or gradient norm ({grad_norm.item()}) at step "
                             f"{step + 1}: stopped; the last good checkpoint is {run.run_dir / 'last.pt'} (try a lower --lr)")
@@ -480,7 +579,8 @@ def start(config: TrainConfig, rank: int, world_size: int, device: torch.device)
 
 
 def train(config: TrainConfig) -> dict:
-    """Train LoRA adapters with DPO; returns the final validation metrics and file paths.
+    """Train LoRA adapters with DPO; returns the final validation metrics, file paths, what the
+    run measured about this machine (dtype, layout, peak memory) and its Timings.
 
     Under `torchrun --nproc_per_node N`, each rank takes its share of every global batch
     (batch_size pairs per rank), DDP averages the adapters' gradients, and rank 0 alone
@@ -491,7 +591,7 @@ def train(config: TrainConfig) -> dict:
         torch.set_num_threads(config.threads)
     rank, world_size, device = ranks.setup_distributed()
     run, state = start(config, rank, world_size, device)
-    config = run.config  # as resumed, or with its offline stand-ins and measured dtype
+    asked, config = config, run.config  # as given; as resumed, or with its offline stand-ins and measured dtype
 
     with checkpoints.writing(run.run_dir / "metrics.jsonl"):
         metrics_file = open(run.run_dir / "metrics.jsonl", "a") if run.is_main else None
@@ -503,17 +603,21 @@ def train(config: TrainConfig) -> dict:
                     disable=not (config.progress and run.is_main), dynamic_ncols=True)
     started, interrupted = time.time(), False
     parameters = [p for group in run.optimizer.param_groups for p in group["params"]]  # the adapters' A and B
+    timings = Timings()
     try:
         # The starting point. The policy forward repeats the reference's here on purpose: getting
         # loss log 2 and accuracy 0.5 on the real model proves policy == reference (docs/PITFALLS.md 3, 5).
         if state.val_metrics is None and run.is_main:
-            validate(run, state, metrics_file, cli.say)
+            validate(run, state, metrics_file, cli.say, timings)
         lora.train_mode(run.model)  # only LoRA's dropout can act: the base model is the reference
         if state.step == 0:
             check_step_zero(run)
+        timings.setup = time.time() - began  # what a new run costs before its first step
         while state.step < run.total_steps and not (state.stopped_early or interrupted):
+            step_began, reference_before = time.perf_counter(), run.train_reference.seconds
             lr, grad_norm, train_metrics = optimizer_step(run, state.step, parameters)  # lr, accumulate, clip, step
             state.step += 1
+            timings.steps.append((time.perf_counter() - step_began, run.train_reference.seconds - reference_before))
             #### log ####
             progress.update(1)
             progress.set_postfix(loss=f"{train_metrics['loss']:.3f}", lr=f"{lr:.1e}",
@@ -522,7 +626,11 @@ def train(config: TrainConfig) -> dict:
                 checkpoints.write_metrics(metrics_file, {"step": state.step, "split": "train", "lr": lr, "grad_norm": grad_norm.item(), **train_metrics})
             #### validate ####
             if run.is_main and (state.step % config.eval_every == 0 or state.step == run.total_steps):
-                validate(run, state, metrics_file, progress.write)
+                validate(run, state, metrics_file, progress.write, timings)
+            #### what the run will cost, said once ####
+            if run.is_main and timings.ready() and state.step < run.total_steps:
+                progress.write(cost_line(run, state, timings, asked, elapsed=time.time() - began))
+                timings.said = True
             #### save ####
             state.stopped_early = ranks.any_rank(state.stopped_early, run.world_size, run.device)
             interrupted = ranks.any_rank(bool(stop_requested), run.world_size, run.device)
@@ -538,7 +646,7 @@ def train(config: TrainConfig) -> dict:
                 metrics_file.close()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
-    return finish(run, state, interrupted, seconds=time.time() - started, began=began)
+    return finish(run, state, interrupted, seconds=time.time() - started, began=began) | {"timings": dataclasses.asdict(timings)}
 
 
 def check_step_zero(run: Run) -> None:
@@ -591,14 +699,27 @@ def finish(run: Run, state: RunState, interrupted: bool, seconds: float, began: 
         checkpoints.plot_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
         with checkpoints.writing(run.run_dir / "metrics.jsonl"), open(run.run_dir / "metrics.jsonl", "a") as metrics_file:
             checkpoints.write_metrics(metrics_file, {"step": state.step, "split": "run", "stopped": stop_reason(run, state, interrupted),
-                                                     "seconds": round(time.time() - began, 1)})
+                                                     "seconds": round(time.time() - began, 1), "peak_memory_mib": round(peak_memory_mib(run.device), 1)})
         cli.say(f"done in {seconds:.0f} s, step {state.step}; best validation loss {state.best_val_loss:.4f}; "
-                f"last validation: {format_metrics(state.val_metrics)}")
+                f"last validation: {format_metrics(state.val_metrics)}; peak memory {peak_memory_mib(run.device):,.0f} MiB "
+                f"({'CUDA allocated' if run.device.type == 'cuda' else 'resident'})")
         if not interrupted:
             write_report(run)
+    layout = "shared" if run.collate.func is data.collate_shared else \
+        "logits" if getattr(run.model, "scores_from_logits", False) else "two rows"
     return {"step": state.step, "val_metrics": state.val_metrics, "best_val_loss": state.best_val_loss,
             "test_metrics": test_metrics, "stopped_early": state.stopped_early, "interrupted": interrupted,
-            "dropped": run.dropped, "checkpoint_dir": str(run.run_dir)}
+            "dropped": run.dropped, "checkpoint_dir": str(run.run_dir), "dtype": run.config.dtype, "layout": layout,
+            "pairs": {"train": len(run.train_items), "validation": len(run.val_items), "test": len(run.test_items)},
+            "device": str(run.device), "peak_memory_mib": peak_memory_mib(run.device)}
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """This process's peak: CUDA memory allocated on a GPU, resident memory on a CPU (Linux: KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def test_score(run: Run) -> dict:

@@ -5,7 +5,9 @@ import json
 import math
 import random
 import re
+import shlex
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -642,7 +644,7 @@ def test_a_step_of_micro_batches_has_the_gradient_of_its_logged_loss(tmp_path, t
         for _, layer in lora.lora_layers(run.model):
             layer.lora_B.normal_(std=0.1)  # policy != reference, so the gradient is not trivial
     parameters = [p for p in run.model.parameters() if p.requires_grad]
-    results, units = train.accumulate_gradients(run, 0)
+    results, units, _ = train.accumulate_gradients(run, 0)
     accumulated = [p.grad.clone() for p in parameters]
     batches = [run.micro_batch(m) for m in range(2)]
     assert loss_type == "sigmoid" or len({train.loss_units(b, loss_type) for b in batches}) == 2  # unequal token counts
@@ -1060,3 +1062,61 @@ def test_ctrl_c_during_the_end_of_run_test_score_is_one_line_and_resume_makes_th
     (tmp_path / "moved" / "last.pt").write_bytes(b"")
     assert train.last_checkpoint(moved) == tmp_path / "moved" / "last.pt"  # then it is the one that continues
     assert train.last_checkpoint(train.parse_args(["--resume", str(last)])) == last
+
+
+# ----- what a run will cost here -------------------------------------------------------------
+
+def slowed(monkeypatch, seconds):
+    """Every model train.py loads takes `seconds` a forward on top of its own: a big model's pace on a tiny one."""
+    load = models.load_model_and_tokenizer
+
+    def load_slowed(*args, **kwargs):
+        model, tokenizer = load(*args, **kwargs)
+        model.get_input_embeddings().register_forward_pre_hook(lambda *_: time.sleep(seconds))  # every forward's first layer
+        return model, tokenizer
+    monkeypatch.setattr(models, "load_model_and_tokenizer", load_slowed)
+
+
+def test_a_run_says_once_what_it_will_cost_and_past_the_budget_a_quicker_command_that_runs(
+        tmp_path, tiny_gpt2_dir, monkeypatch, capsys):
+    """After its first timed steps a run says in one line what the whole run will take here, from
+    its own step and validation times; past QUICK_RUN_SECONDS it adds the command for a run that
+    fits, and that command parses to the same run with fewer pairs in a new folder, and runs."""
+    data_file = write_jsonl(tmp_path / "d.jsonl", synthetic_rows(120))  # 112 train pairs: 112 steps of 1
+    config = tiny_config(data_file, tiny_gpt2_dir, tmp_path / "run", batch_size=1, eval_every=1000, checkpoint_every=1000)
+    with monkeypatch.context() as patch:
+        slowed(patch, 0.05)  # >= 0.1 s a step (policy and reference forwards): ~11 s for the run's steps
+        patch.setattr(train, "QUICK_RUN_SECONDS", 8.0)
+        stop_at(20, patch)
+        assert train.train(config)["interrupted"]
+    said = capsys.readouterr()
+    lines = [line for line in (said.out + said.err).splitlines() if line.startswith("this run: about")]
+    assert len(lines) == 1, lines
+    match = re.search(r"Within 8 s here: (.+?) \(trains on (\d+) of (\d+) pairs", lines[0])
+    assert match, lines[0]
+    words = shlex.split(match[1])
+    assert words[:2] == ["python", "train.py"]
+    quicker = train.parse_args(words[2:])
+    assert dataclasses.replace(quicker, num_examples=config.num_examples, checkpoint_dir=config.checkpoint_dir) == config
+    assert 1 <= quicker.num_examples == int(match[2]) < int(match[3]) == 112
+    assert train.main(words[2:]) == 0  # a new folder: the interrupted run's is left as it is
+    assert f"data: {quicker.num_examples} train / 4 validation / 4 test pairs" in capsys.readouterr().err
+
+
+@settings(max_examples=60, deadline=None)
+@given(step=st.floats(0.01, 30), reference_share=st.floats(0, 0.6), validation=st.floats(0, 600), setup=st.floats(0, 600),
+       total_steps=st.integers(2, 400), eval_every=st.integers(1, 100), epochs=st.integers(1, 3), test_pairs=st.integers(0, 300))
+def test_the_cost_of_a_run_is_its_parts_and_a_quicker_run_costs_less(step, reference_share, validation, setup, total_steps,
+                                                                    eval_every, epochs, test_pairs):
+    """seconds_for adds up: the whole run is the sum of any two parts of it, each step costs at
+    least what a cached one does, and fewer steps never cost more (the quicker command's premise)."""
+    timings = train.Timings(setup=setup, steps=[(step, step * reference_share)] * 3, validation=validation,
+                            forward_per_pair=validation / 200)
+    config = train.TrainConfig(eval_every=eval_every, epochs=epochs)
+    per_epoch = max(1, total_steps // epochs)
+    cost = lambda first, last, total=total_steps, pairs=test_pairs: train.seconds_for(timings, config, first, last, total,
+                                                                                       per_epoch, pairs)
+    middle = total_steps // 2
+    assert cost(0, total_steps) == pytest.approx(cost(0, middle, pairs=0) + cost(middle, total_steps), rel=1e-9, abs=1e-9)
+    assert cost(0, total_steps, pairs=0) >= total_steps * step * (1 - reference_share) - 1e-9
+    assert cost(0, middle, middle) <= cost(0, total_steps) + 1e-9
