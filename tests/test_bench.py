@@ -6,6 +6,9 @@ import dataclasses
 import math
 
 import data
+import models
+import torch
+from settings import TrainConfig
 from bench import bench
 from conftest import gpt2_tokenizer
 
@@ -47,3 +50,11 @@ def test_steps_take_batches_in_file_order_and_wrap_around():
 def test_prompt_cut_keeps_bos_and_the_last_tokens():
     assert data.keep_prompt_end([2, 10, 11, 12, 13], lead=2, max_prompt_length=3) == [2, 12, 13]
     assert data.keep_prompt_end([10, 11, 12, 13], lead=None, max_prompt_length=3) == [11, 12, 13]
+
+
+def test_the_benchmark_compares_in_the_dtype_a_run_would_train_in_here():
+    """On an AVX2-only CPU a bf16 matmul is ~60-100x slower than fp32: the benchmark's default is the
+    dtype train.py's --dtype auto picks on this machine, measured the same way, not bf16 everywhere."""
+    chosen = models.with_measured_dtype(TrainConfig(), torch.device("cpu"), 1, lambda line: None).dtype
+    assert bench.BenchConfig().dtype == chosen
+    assert bench.BenchConfig(dtype="float32").dtype == "float32" and bench.BenchConfig(dtype="bfloat16").dtype == "bfloat16"
