@@ -85,6 +85,7 @@ class LlamaJudge:
         try:  # logits_all=False: logits of the last position only, the one the verdict needs
             with contextlib.nullcontext() if extra_buffer_types else without_extra_buffer_types():
                 self.llm = llama_cpp.Llama(model_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                                           n_gpu_layers=-1 if llama_cpp.llama_supports_gpu_offload() else 0,  # all, on a GPU build
                                            verbose=verbose)
         except ValueError as error:  # llama.cpp's first error line says why, e.g. "invalid magic characters"
             raise ValueError(f"judge model {model_path} is not a GGUF file llama.cpp can load "
