@@ -273,8 +273,9 @@ def fold_adapters(model: nn.Module) -> None:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Only the A and B tensors, keyed by their place in the model (a few MB, not the model)."""
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()
+    """Only the A and B tensors, keyed by their place in the model (a few MB, not the model), on the
+    CPU whatever device trained them: a checkpoint from a GPU loads where no GPU is."""
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()
             if name.endswith((".lora_A", ".lora_B"))}
 
 

@@ -201,28 +201,35 @@ def model_files(name: str, verbose: bool):
 # ---------------------------------------------------------------------------------------
 
 def matmul_seconds(dtype: torch.dtype, device: torch.device, n: int = 512, repeats: int = 2) -> float:
-    """The best time of an (n, n) @ (n, n) matmul in dtype on device."""
+    """The best time of an (n, n) @ (n, n) matmul in dtype on a CPU device."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     best = math.inf
     for _ in range(repeats + 1):  # the first one warms up
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
         start = time.perf_counter()
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best
 
 
 def with_measured_dtype(config: settings.TrainConfig, device: torch.device, world_size: int,
                         announce: typing.Callable[[str], None]) -> settings.TrainConfig:
-    """--dtype auto: bfloat16 where this machine multiplies bf16 matrices faster than fp32 (AMX, AVX512-BF16,
-    a GPU), else float32, measured here rather than guessed from a CPU's name. Without bf16 matrix units a
+    """--dtype auto: bfloat16 where this machine multiplies bf16 matrices faster than fp32 (AMX, AVX512-BF16),
+    else float32, measured here rather than guessed from a CPU's name. Without bf16 matrix units a
     bf16 matmul is emulated: on a 2-core AMD EPYC (Zen 3) a 1024 x 1024 one ran at 0.6 GFLOP/s, fp32 at 36.7,
-    where an Intel Sapphire Rapids with AMX runs bf16 at ~2,100. Said in one line."""
+    where an Intel Sapphire Rapids with AMX runs bf16 at ~2,100. Said in one line.
+
+    On a GPU the device says it, nothing is timed: bf16 units from Ampere on (compute capability 8), and
+    torch.cuda.is_bf16_supported(including_emulation=False) reads exactly that (a T4 or V100 only emulates
+    bf16, slowly)."""
     if config.dtype != "auto":
         return config
+    if device.type == "cuda":
+        with torch.cuda.device(device):  # is_bf16_supported asks the current device
+            supported = torch.cuda.is_bf16_supported(including_emulation=False)
+        dtype = "float32" if ranks.any_rank(not supported, world_size, device) else "bfloat16"  # every rank the same
+        announce(f"--dtype auto: {dtype} ({torch.cuda.get_device_name(device)} {'has' if supported else 'has no'} "
+                 f"bf16 units, says torch.cuda.is_bf16_supported); --dtype bfloat16 or float32 to choose")
+        return dataclasses.replace(config, dtype=dtype)
     fp32, bf16 = (matmul_seconds(dtype, device) for dtype in (torch.float32, torch.bfloat16))
     dtype = "float32" if ranks.any_rank(bf16 >= fp32, world_size, device) else "bfloat16"  # every rank the same
     announce(f"--dtype auto: {dtype} (a bf16 matmul took {bf16 / fp32:.2g}x the time of an fp32 one on this "

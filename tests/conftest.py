@@ -4,6 +4,8 @@ import string
 
 import pytest
 import torch
+
+import lora
 from gpt2_offline import gpt2_tokenizer  # noqa: F401 (the tests import it from here)
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
                           OPTConfig, OPTForCausalLM, PhimoeConfig, PhimoeForCausalLM, Qwen2Config, Qwen2ForCausalLM)
@@ -20,6 +22,16 @@ def in_a_folder_of_its_own(tmp_path_factory, monkeypatch):
 def tiny(model_class, config, seed: int):
     torch.manual_seed(seed)
     return model_class(config).eval()
+
+
+def with_nonzero_adapters(model):
+    """The model with LoRA adapters (r = 4) whose B is nonzero, drawn from a generator of its own: they matter."""
+    lora.add_lora(model, lora.LoRAConfig(r=4))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.1)
+    return model
 
 
 def tiny_gpt2(seed: int = 0, vocab_size: int = 64) -> GPT2LMHeadModel:

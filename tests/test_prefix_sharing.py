@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 import data
 import lora
 import models
-from conftest import FAMILIES, tiny_gemma3
+from conftest import FAMILIES, tiny_gemma3, with_nonzero_adapters
 from settings import TrainConfig
 
 MODELS = {**FAMILIES, "gemma3": tiny_gemma3}
@@ -24,12 +24,7 @@ def adapted_model(family: str, attention: str):
     """A tiny model of the family with LoRA adapters whose B is nonzero (so they matter)."""
     model = MODELS[family]()
     model.set_attn_implementation(attention)
-    lora.add_lora(model, lora.LoRAConfig(r=4))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, layer in lora.lora_layers(model):
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.1)
-    return model
+    return with_nonzero_adapters(model)
 
 
 def token_lists(min_size: int, max_size: int):
