@@ -140,9 +140,9 @@ def mean_metrics(result: dpo.PreferenceLoss | dpo.SupervisedLoss) -> dict:
     if isinstance(result, dpo.SupervisedLoss):  # per token over all the batches' answers
         loss = result.loss.item()
         return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(result.count.sum())}
-    return {"loss": result.losses.mean().item(), "reward_accuracy": result.accuracies.mean().item(),
-            "reward_margin": result.margins.mean().item(), "chosen_reward": result.chosen_rewards.mean().item(),
-            "rejected_reward": result.rejected_rewards.mean().item()}
+    means = torch.stack([result.losses.mean(), result.accuracies.mean(), result.margins.mean(),
+                         result.chosen_rewards.mean(), result.rejected_rewards.mean()]).tolist()  # one copy from the device
+    return dict(zip(("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward"), means))
 
 
 @torch.no_grad()
@@ -536,7 +536,7 @@ def accumulate_gradients(run: Run, step: int) -> tuple[list, int, int]:
     return results, units, sum(batch.sequence_tokens for batch in batches)
 
 
-def optimizer_step(run: Run, step: int, parameters: list[nn.Parameter]) -> tuple[float, Tensor, dict]:
+def optimizer_step(run: Run, step: int, parameters: list[nn.Parameter]) -> tuple[float, float, dict]:
     """One optimizer step: lr -> accumulate -> clip and check -> step. (lr, grad norm, metrics)."""
     config = run.config
     #### learning rate ####
@@ -546,15 +546,15 @@ def optimizer_step(run: Run, step: int, parameters: list[nn.Parameter]) -> tuple
     #### accumulate ####
     micro_results, units, sequence_tokens = accumulate_gradients(run, step)
     #### clip and check ####
-    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm).item()  # the step's wait for a GPU
     metrics = mean_metrics(type(micro_results[0]).concatenate(micro_results))
     metrics = dict(zip(metrics, ranks.mean_across_ranks(list(metrics.values()), run.world_size, run.device)))
     if config.loss_type == "sft":  # per token over every rank's tokens, the loss the gradient is of
         total = ranks.sum_across_ranks(sum(result.total.item() for result in micro_results), run.world_size, run.device)
         metrics.update(loss=total / units, perplexity=math.exp(total / units), tokens=units)
     metrics["sequence_tokens"] = ranks.sum_across_ranks(sequence_tokens, run.world_size, run.device)  # prompt counted in both
-    if not (math.isfinite(metrics["loss"]) and torch.isfinite(grad_norm)):
-        raise TrainingError(f"non-finite loss ({metrics['loss']}) or gradient norm ({grad_norm.item()}) at step "
+    if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
+        raise TrainingError(f"non-finite loss ({metrics['loss']}) or gradient norm ({grad_norm}) at step "
                             f"{step + 1}: stopped; the last good checkpoint is {run.run_dir / 'last.pt'} (try a lower --lr)")
     #### step ####
     run.optimizer.step()
@@ -617,13 +617,15 @@ def train(config: TrainConfig) -> dict:
             step_began, reference_before = time.perf_counter(), run.train_reference.seconds
             lr, grad_norm, train_metrics = optimizer_step(run, state.step, parameters)  # lr, accumulate, clip, step
             state.step += 1
+            if run.device.type == "cuda":
+                torch.cuda.synchronize(run.device)  # the optimizer's kernels belong to this step's time
             timings.steps.append((time.perf_counter() - step_began, run.train_reference.seconds - reference_before))
             #### log ####
             progress.update(1)
             progress.set_postfix(loss=f"{train_metrics['loss']:.3f}", lr=f"{lr:.1e}",
                                  **({"acc": f"{train_metrics['reward_accuracy']:.2f}"} if "reward_accuracy" in train_metrics else {}))
             if run.is_main:
-                checkpoints.write_metrics(metrics_file, {"step": state.step, "split": "train", "lr": lr, "grad_norm": grad_norm.item(), **train_metrics})
+                checkpoints.write_metrics(metrics_file, {"step": state.step, "split": "train", "lr": lr, "grad_norm": grad_norm, **train_metrics})
             #### validate ####
             if run.is_main and (state.step % config.eval_every == 0 or state.step == run.total_steps):
                 validate(run, state, metrics_file, progress.write, timings)
