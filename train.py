@@ -194,9 +194,10 @@ class Timings:
         return not self.said and len(self.steps) > COST_AFTER_STEPS and self.validation is not None
 
     def step_seconds(self) -> tuple[float, float]:
-        """Median wall time of a step and of its reference share, the first step left out."""
+        """Mean wall time of a step and of its reference share, the first step left out: a run's
+        time is a sum, and batches of longer pairs take longer (a median would miss them)."""
         timed = self.steps[1:]
-        return statistics.median(wall for wall, _ in timed), statistics.median(reference for _, reference in timed)
+        return statistics.fmean(wall for wall, _ in timed), statistics.fmean(reference for _, reference in timed)
 
 
 def seconds_for(timings: Timings, config: TrainConfig, first: int, last: int, total_steps: int,

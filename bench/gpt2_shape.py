@@ -74,6 +74,7 @@ def measure(steps: int, dtype: str, scratch: Path) -> dict:
         "validation_s": timings.validation, "validation_pairs": summary["pairs"]["validation"], "setup_s": timings.setup,
         "peak_memory_mib": summary["peak_memory_mib"], "wall_s": wall,
         "estimated_default_run_s": estimate, "default_run_steps": total_steps,
+        "step_seconds": [round(wall, 3) for wall, _ in timings.steps],  # every step, the first included
     }
 
 
@@ -83,7 +84,7 @@ def report(result: dict) -> str:
         f"GPT-2's shape (124M, random weights), the default settings, {result['steps']} steps; {result['machine']}; "
         f"{result['device']}, {result['threads']} torch threads",
         f"--dtype: {result['dtype']}; layout: {result['layout']}",
-        f"s/step {result['s_per_step']:.2f} (median, first step left out); tokens/s {result['tokens_per_s']:.0f} "
+        f"s/step {result['s_per_step']:.2f} (mean, first step left out); tokens/s {result['tokens_per_s']:.0f} "
         f"(both sequences of a pair, the prompt counted in each)",
         f"validation of {result['validation_pairs']} pairs {result['validation_s']:.0f} s; before the first step "
         f"(load, tokenise, probe, step 0) {result['setup_s']:.0f} s; peak memory {result['peak_memory_mib']:,.0f} MiB ({memory})",
