@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import inspect
 import math
+import os
 import shlex
 import signal
 import statistics
@@ -216,45 +217,72 @@ def seconds_for(timings: Timings, config: TrainConfig, first: int, last: int, to
 
 def cost_line(run: Run, state: RunState, timings: Timings, asked: TrainConfig, elapsed: float) -> str:
     """The run's estimated wall time here, in one line; past QUICK_RUN_SECONDS, with the command
-    for a run that fits (fewer training pairs, from the same timings) and what it gives up."""
+    for a run that fits (from the same timings) and what it gives up: fewer pairs, or, where
+    --max-steps ends the run, fewer steps."""
     config, test_pairs = run.config, len(run.test_items)
     left = seconds_for(timings, config, state.step, run.total_steps, run.total_steps, run.batches_per_epoch, test_pairs)
     step_seconds, _ = timings.step_seconds()
+    validation = f"{timings.validation:.0f}" if timings.validation >= 10 else f"{timings.validation:.1f}"
     line = (f"this run: about {minutes(elapsed + left)} in all on this machine, {minutes(left)} from now "
-            f"({step_seconds:.2f} s a step, {timings.validation:.0f} s a validation, measured on this run"
-            f"{'; sooner if early stopping ends it' if config.early_stop_patience else ''}; report.html after)")
+            f"({step_seconds:.2f} s a step, {validation} s a validation, measured on this run"
+            f"{'; sooner if early stopping ends it' if config.early_stop_patience else ''}"
+            f"{'; report.html after' if config.loss_type == 'sigmoid' else ''})")
     if elapsed + left <= QUICK_RUN_SECONDS or config.resume:
         return line
-    fits = lambda steps: timings.setup + seconds_for(timings, config, 0, steps, steps, steps * config.grad_accum // config.epochs,
-                                                      test_pairs) <= QUICK_RUN_SECONDS  # its epochs are shorter
-    steps = max((steps for steps in range(1, run.total_steps) if fits(steps)), default=0)
     pairs_per_step = config.batch_size * run.world_size * config.grad_accum
+    by_steps = config.max_steps is not None and run.total_steps == config.max_steps  # --max-steps ends it, not the pairs
+    if by_steps:  # the same pairs, fewer of its steps: the schedule and epochs as they are
+        fits = lambda steps: timings.setup + seconds_for(timings, config, 0, steps, steps, run.batches_per_epoch,
+                                                          test_pairs) <= QUICK_RUN_SECONDS
+    else:  # fewer pairs: a shorter epoch, every epoch of it
+        fits = lambda steps: timings.setup + seconds_for(timings, config, 0, steps, steps, steps * config.grad_accum // config.epochs,
+                                                          test_pairs) <= QUICK_RUN_SECONDS
+    steps = largest(fits, run.total_steps - 1)
     pairs = steps * pairs_per_step // config.epochs
     budget = minutes(QUICK_RUN_SECONDS)
-    if pairs < pairs_per_step:
-        return (f"{line}. No run with fewer pairs fits {budget} here: loading, validation and the test score alone "
+    if steps == 0 or (not by_steps and pairs < pairs_per_step):
+        return (f"{line}. No shorter run fits {budget} here: loading, validation and the test score alone "
                 f"take about {minutes(timings.setup + seconds_for(timings, config, 0, 0, 1, 1, test_pairs))}")
-    quicker = dataclasses.replace(asked, num_examples=pairs, checkpoint_dir=f"{asked.checkpoint_dir.rstrip('/')}-{pairs}-pairs")
-    return (f"{line}. Within {budget} here: {command_line(quicker, run.world_size)} "
-            f"(trains on {pairs} of {len(run.train_items)} pairs: fewer pairs learn less; on the Gemma stand-in, "
-            f"validation loss 0.690 after 200 pairs, 0.615 after 400: docs/studies.md)")
+    folder = Path(asked.checkpoint_dir).resolve()
+    quicker = dataclasses.replace(asked, **({"max_steps": steps} if by_steps else {"num_examples": pairs}),
+                                  checkpoint_dir=os.path.relpath(folder.parent / f"{folder.name or 'checkpoints'}-"
+                                                                 f"{steps if by_steps else pairs}-{'steps' if by_steps else 'pairs'}"))
+    gives_up = (f"stops at step {steps} of {run.total_steps}" if by_steps else
+                f"the first {pairs} pairs of the training split, less any dropped, where this run trains on "
+                f"{len(run.train_items)}: fewer pairs learn less; on the Gemma "
+                f"stand-in, validation loss 0.690 after 200 pairs, 0.615 after 400: docs/studies.md")
+    return f"{line}. Within {budget} here: {command_line(quicker, run.world_size)} ({gives_up})"
+
+
+def largest(fits: typing.Callable[[int], bool], most: int) -> int:
+    """The largest n in 1..most with fits(n), fits being true up to some n and false after
+    (0 if none): a binary search, as a run's cost only grows with its steps."""
+    low, high = 0, most
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
 
 
 def minutes(seconds: float) -> str:
     seconds = round(seconds)
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
     return f"{seconds / 60:.0f} min" if seconds >= 600 else f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 \
         else f"{seconds} s"
 
 
 def command_line(config: TrainConfig, world_size: int = 1) -> str:
-    """The train.py command that gives config: its settings that differ from the defaults."""
-    words = ["python", "train.py"] if world_size == 1 else ["torchrun", f"--nproc_per_node={world_size}", "train.py"]
+    """The command that gives config: its settings that differ from the defaults, each as
+    --flag=value (a value may start with a dash); train.py as this process was started."""
+    program = sys.argv[0] if Path(sys.argv[0]).name == "train.py" else "train.py"
+    words = ["python", program] if world_size == 1 else ["torchrun", f"--nproc_per_node={world_size}", program]
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
         value, flag = getattr(config, field.name), "--" + field.name.replace("_", "-")
         if value == getattr(defaults, field.name) or value is None:
             continue
-        words += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+        words.append((flag if value else "--no-" + flag[2:]) if isinstance(value, bool) else f"{flag}={value}")
     return shlex.join(words)
 
 
@@ -631,7 +659,8 @@ def train(config: TrainConfig) -> dict:
             if run.is_main and (state.step % config.eval_every == 0 or state.step == run.total_steps):
                 validate(run, state, metrics_file, progress.write, timings)
             #### what the run will cost, said once ####
-            if run.is_main and timings.ready() and state.step < run.total_steps:
+            if (run.is_main and timings.ready() and state.step < run.total_steps and not state.stopped_early
+                    and not stop_requested):
                 progress.write(cost_line(run, state, timings, asked, elapsed=time.time() - began))
                 timings.said = True
             #### save ####

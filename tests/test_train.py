@@ -1092,7 +1092,7 @@ def test_a_run_says_once_what_it_will_cost_and_past_the_budget_a_quicker_command
     said = capsys.readouterr()
     lines = [line for line in (said.out + said.err).splitlines() if line.startswith("this run: about")]
     assert len(lines) == 1, lines
-    match = re.search(r"Within 8 s here: (.+?) \(trains on (\d+) of (\d+) pairs", lines[0])
+    match = re.search(r"Within 8 s here: (.+?) \(the first (\d+) pairs of the training split, less any dropped, where this run trains on (\d+):", lines[0])
     assert match, lines[0]
     words = shlex.split(match[1])
     assert words[:2] == ["python", "train.py"]
@@ -1120,3 +1120,18 @@ def test_the_cost_of_a_run_is_its_parts_and_a_quicker_run_costs_less(step, refer
     assert cost(0, total_steps) == pytest.approx(cost(0, middle, pairs=0) + cost(middle, total_steps), rel=1e-9, abs=1e-9)
     assert cost(0, total_steps, pairs=0) >= total_steps * step * (1 - reference_share) - 1e-9
     assert cost(0, middle, middle) <= cost(0, total_steps) + 1e-9
+
+
+@given(threshold=st.integers(0, 5000), most=st.integers(0, 5000))
+def test_the_largest_run_that_fits_is_found_by_bisection(threshold, most):
+    """cost_line bisects (a run's cost only grows with its steps): the largest n <= most that fits, or 0."""
+    assert train.largest(lambda n: n <= threshold, most) == min(threshold, most)
+
+
+@given(value=st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=12))
+def test_a_suggested_command_parses_back_to_its_settings_whatever_the_values(value):
+    """Paths with spaces, quotes or a leading dash: --flag=value, quoted by shlex, reads back the same."""
+    config = train.TrainConfig(data=value, checkpoint_dir=value + "-1-pairs", progress=False, lr=1e-5, num_examples=7)
+    words = shlex.split(train.command_line(config))
+    assert words[:2] == ["python", "train.py"] and train.parse_args(words[2:]) == config
+
