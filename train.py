@@ -515,14 +515,13 @@ def checkpoint(run: Run, state: RunState, rng: list[dict] | None = None) -> dict
     return payload
 
 
-def validate(run: Run, state: RunState, metrics_file, say, timings: Timings | None = None) -> None:
-    """Validate (rank 0 only), log a row, keep best.pt, and decide early stopping."""
+def validate(run: Run, state: RunState, metrics_file, say, timings: Timings) -> None:
+    """Validate (rank 0 only), log a row, keep best.pt, decide early stopping, and time it."""
     run.model.eval()
     began, reference_before = time.perf_counter(), run.val_reference.seconds
     metrics = validation_metrics(run.model, run.val_items, run.val_reference, run.config, run.collate)
     seconds = time.perf_counter() - began
-    if timings is not None:
-        timings.observe_validation(seconds, run.val_reference.seconds - reference_before, len(run.val_items))
+    timings.observe_validation(seconds, run.val_reference.seconds - reference_before, len(run.val_items))
     lora.train_mode(run.model)
     checkpoints.write_metrics(metrics_file, {"step": state.step, "split": "val", **metrics})  # no wall time: a run's rows repeat
     say(f"step {state.step} validation: {format_metrics(metrics)}")
@@ -576,12 +575,12 @@ def optimizer_step(run: Run, step: int, parameters: list[nn.Parameter]) -> tuple
     micro_results, units, sequence_tokens = accumulate_gradients(run, step)
     #### clip and check ####
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm).item()  # the step's wait for a GPU
-    metrics = mean_metrics(type(micro_results[0]).concatenate(micro_results))
+    metrics = mean_metrics(type(micro_results[0]).concatenate(micro_results)) | {"sequence_tokens": sequence_tokens}
     metrics = dict(zip(metrics, ranks.mean_across_ranks(list(metrics.values()), run.world_size, run.device)))
+    metrics["sequence_tokens"] = round(metrics["sequence_tokens"] * run.world_size)  # every rank's, prompt counted in both
     if config.loss_type == "sft":  # per token over every rank's tokens, the loss the gradient is of
         total = ranks.sum_across_ranks(sum(result.total.item() for result in micro_results), run.world_size, run.device)
         metrics.update(loss=total / units, perplexity=math.exp(total / units), tokens=units)
-    metrics["sequence_tokens"] = ranks.sum_across_ranks(sequence_tokens, run.world_size, run.device)  # prompt counted in both
     if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
         raise TrainingError(f"non-finite loss ({metrics['loss']}) or gradient norm ({grad_norm}) at step "
                             f"{step + 1}: stopped; the last good checkpoint is {run.run_dir / 'last.pt'} (try a lower --lr)")
