@@ -121,7 +121,8 @@ def with_offline_fallbacks(config: settings.TrainConfig, announce: bool = True) 
 
 
 def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", verbose: bool = False):
-    """A Hub id, a local model folder, or a local .gguf file (transformers dequantises it).
+    """A Hub id, a local model folder, or a local .gguf file (transformers dequantises it, once:
+    dequantised_copy).
 
     transformers' own warnings and progress bars are shown only when verbose: for a GGUF file it
     advises float32 "because the weights stay packed", but here they are dequantised into plain
@@ -130,10 +131,96 @@ def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", ve
     from transformers import AutoModelForCausalLM
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     tokenizer = load_tokenizer(name, verbose) if verbose else cached_tokenizer(name)  # once a process (20 s from a GGUF)
-    with model_files(name, verbose) as (folder, gguf):
+    copy = dequantised_copy(name, verbose)
+    with model_files(copy or name, verbose) as (folder, gguf):
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
+    if copy:
+        as_read_from(model, name)
     disable_dropout(model)
     return model.eval(), tokenizer
+
+
+def dequantised_copy(name: str, verbose: bool = False) -> str | None:
+    """A GGUF file's weights as a model folder (float32 safetensors), made once; None for any other
+    model, or where no copy can be made (said in one line): the file is then read as before.
+
+    transformers dequantises a GGUF file in Python at every load: Gemma 3 270M took 33-50 s on 2
+    cores, where the same float32 weights load from a folder in under a second. The copy is made
+    under a name of this process's own and renamed when whole, keyed by the file's sha256 and
+    transformers' version (which does the dequantising), and used only if its weights hash as
+    the file's (weights_sha256): the same numbers. Files over DEQUANTISED_MAX_FILE_BYTES, or whose
+    float32 weights fit less than twice in the free space, are not copied.
+    """
+    if not (name.endswith(".gguf") and os.path.isfile(name)):
+        return None
+    import shutil
+
+    import transformers
+    from transformers import AutoModelForCausalLM
+    with open(name, "rb") as file:
+        key = hashlib.file_digest(file, "sha256").hexdigest()[:32]
+    folder = Path.home() / ".cache" / "dpo-dequantised" / f"{key}-transformers-{transformers.__version__}"
+    if (folder / "config.json").is_file():  # made by a rename: whole
+        return str(folder)
+    partial = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
+    try:
+        if os.path.getsize(name) > DEQUANTISED_MAX_FILE_BYTES:
+            raise ValueError(f"the file is over {DEQUANTISED_MAX_FILE_BYTES / 2 ** 30:.0f} GiB")
+        partial.mkdir(parents=True, exist_ok=True)
+        for stale in partial.parent.glob(f"{folder.name}.*.partial"):  # left by a process killed while it copied
+            if stale != partial and not process_alive(int(stale.name.rsplit(".", 2)[1])):
+                shutil.rmtree(stale, ignore_errors=True)
+        began = time.time()
+        with model_files(name, verbose) as (parent, gguf):
+            model = AutoModelForCausalLM.from_pretrained(parent, gguf_file=gguf, dtype=torch.float32)
+        file_sha256 = weights_sha256(model, torch.float32)  # what every run of it has recorded (checkpoints' base_sha256)
+        size = 4 * sum({tensor.data_ptr(): tensor.numel() for tensor in model.state_dict().values()}.values())  # tied: once
+        if 2 * size > shutil.disk_usage(partial).free:
+            raise OSError(f"its float32 weights, {size / 2 ** 30:.1f} GiB, are over half the free space")
+        model.hf_quantizer = None  # the GGUF loader: save_pretrained refuses a model it loaded, though its weights are plain
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        with contextlib.redirect_stderr(sys.stderr if verbose else io.StringIO()):  # its progress bar
+            model.save_pretrained(partial, safe_serialization=True)
+        with model_files(str(partial), verbose) as (copy_folder, _):
+            copy = AutoModelForCausalLM.from_pretrained(copy_folder, dtype=torch.float32)
+        if weights_sha256(as_read_from(copy, name), torch.float32) != file_sha256:
+            raise ValueError("its copy does not hash as the file does")
+        try:
+            os.replace(partial, folder)  # atomic: the folder is there whole, or not at all
+        except OSError:
+            if not (folder / "config.json").is_file():  # unless another process's copy took the name first
+                raise
+        cli.say(f"{name}: dequantised once into {folder} ({size / 2 ** 30:.1f} GiB, {time.time() - began:.0f} s); "
+                f"later loads read that copy, in a second")
+    except Exception as error:  # a full disk, a folder that cannot be written, a model the loader cannot save
+        cli.say(f"{name}: no dequantised copy ({one_line(error)}): read from the GGUF file, as every load before")
+        return None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return str(folder)
+
+
+def as_read_from(model: nn.Module, gguf_path: str) -> nn.Module:
+    """A model loaded from a GGUF file's dequantised copy, with the config a load of the file
+    itself leaves (the loader's record, GgufConfig): the same model, down to its weights_sha256
+    (dequantised_copy checks it once)."""
+    from transformers.utils.quantization_config import GgufConfig
+    model.config.quantization_config = GgufConfig(gguf_file=os.path.basename(gguf_path))
+    return model
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+DEQUANTISED_MAX_FILE_BYTES = 2 ** 30  # a GGUF file of about 2B parameters at 4 bits: larger ones are read every time
 
 
 def weights_sha256(model: nn.Module, dtype: str | torch.dtype) -> str:

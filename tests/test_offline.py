@@ -74,6 +74,29 @@ def test_a_checkpoint_of_the_gguf_model_exports_a_merged_folder_transformers_loa
         torch.testing.assert_close(merged(ids).logits, ours(ids).logits, rtol=0, atol=1e-3)
 
 
+def test_a_gguf_model_loads_from_its_dequantised_copy_as_from_the_file_and_without_a_copy_says_so(tmp_path, monkeypatch, capsys):
+    """transformers dequantises a GGUF file at every load (~40 s for Gemma 3 270M on 2 cores);
+    models.dequantised_copy keeps the result as a folder. The model read from it is the model
+    read from the file: the same weights_sha256 (every run's record of its base), config and
+    logits bit for bit; where no copy can be made, one line says so and the file is read."""
+    import torch
+
+    gguf = models.bundled_model()
+    copied, _ = models.load_model_and_tokenizer(gguf, "float32")  # the copy (made now, or by an earlier run)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("HOME", str(tmp_path / "a-file" / "home"))  # no folder can be made under a file
+    capsys.readouterr()
+    read, tokenizer = models.load_model_and_tokenizer(gguf, "float32")
+    said = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(said) == 1 and "no dequantised copy" in said[0] and "read from the GGUF file" in said[0], said
+    assert Path(copied.config._name_or_path).parent.name == "dpo-dequantised" and copied.config._name_or_path != read.config._name_or_path
+    for dtype in (torch.float32, torch.bfloat16):
+        assert models.weights_sha256(copied, dtype) == models.weights_sha256(read, dtype)
+    ids = tokenizer("\n\nHuman: What is a good name for a cat?\n\nAssistant:", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(copied(ids).logits, read(ids).logits)
+
+
 def test_the_bundled_model_is_made_whole_again_from_a_copy_cut_short_and_by_processes_at_once(tmp_path, monkeypatch, capsys):
     """The package writes its GGUF file in place: a run killed while it wrote left a copy every
     later run refused with a traceback, and two processes at once read each other's half."""
