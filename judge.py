@@ -80,6 +80,7 @@ class JudgeConfig:
     output: str = "judgements.jsonl"  # JSONL log of every answer and verdict, written as made
     resume: bool = False               # continue --output, skipping what it holds (otherwise it starts afresh)
     verbose: bool = False              # also show llama.cpp's and transformers' own log lines
+    progress: bool = True              # show progress bars
 
     def __post_init__(self):
         if self.num_test_questions < 0 or self.sanity < 0 or self.num_test_questions + self.sanity == 0:
@@ -246,7 +247,8 @@ def check_header(path: str, found: dict, expected: dict) -> None:
 def add_missing_answers(name: str, model, tokenizer, prompts: list[str], config: JudgeConfig, judgements: JudgementLog) -> None:
     missing = {i for i, prompt in enumerate(prompts) if judgements.find("answer", name, i, prompt) is None}
     answers = generate_answers(model, tokenizer, prompts, config.max_new_tokens, config.temperature,
-                               config.batch_size, config.seed, wanted=missing, desc=f"{name} answers")
+                               config.batch_size, config.seed, wanted=missing,
+                               desc=f"{name} answers" if config.progress else None)
     for prompt_id, answer in answers:
         if prompt_id in missing:  # the batch's other answers are logged already, and the same
             judgements.append({"kind": "answer", "model": name, "prompt_id": prompt_id, "prompt": prompts[prompt_id],
@@ -281,10 +283,10 @@ def answer_with_every_model(model, tokenizer, checkpoint: dict, prompts: list[st
 
 
 def judge_comparison(judge: Judge, comparison: str, items: list[tuple[int, str, str, str]], judgements: JudgementLog,
-                     tie_margin: float) -> list[dict]:
+                     tie_margin: float, progress: bool = True) -> list[dict]:
     """Judge (prompt_id, prompt, answer_x, answer_y) items, skipping those the log holds."""
     records = []
-    for prompt_id, prompt, answer_x, answer_y in tqdm(items, desc=comparison, disable=not items):
+    for prompt_id, prompt, answer_x, answer_y in tqdm(items, desc=comparison, disable=not (items and progress)):
         record = judgements.find("judgement", comparison, prompt_id, prompt)
         if record is None:
             p_a_x_first, p_b_x_second, preference = judge_pair(judge, prompt, answer_x, answer_y)
@@ -452,8 +454,9 @@ def evaluate(config: JudgeConfig, judge: Judge | None = None) -> dict[str, Compa
             for x, y in compared}
         items["sanity"] = [(i, pair.prompt, data.without_turn_end(pair.chosen, turn_end), data.without_turn_end(pair.rejected, turn_end))
                            for i, pair in enumerate(pairs[:config.sanity])]
-        results = {name: summarise(name, judge_comparison(judge, name, items[name], judgements, config.tie_margin),
-                                   config.tie_margin) for name in items if items[name]}
+        results = {name: summarise(name, judge_comparison(judge, name, items[name], judgements, config.tie_margin,
+                                                          config.progress), config.tie_margin)
+                   for name in items if items[name]}
         judgements.append({"kind": "summary", "report": report(results),  # what judge.py prints, for report.py
                            "results": {name: asdict(result) for name, result in results.items()}})
         return results

@@ -178,11 +178,12 @@ class Scoring:
         terms = [chosen for chosen, _ in token_rewards(self.model, items, own_rows, 1.0, self.config.batch_size)]
         return Drift.of([t.sum().item() for t in terms], [len(t) for t in terms])
 
-    def sample_and_drift(self, prompts: list[str]) -> Drift:
+    def sample_and_drift(self, prompts: list[str], progress: bool = True) -> Drift:
         """The KL estimate from one answer per prompt drawn from the policy at temperature 1
         (adapters on, not merged: merging bf16 weights and back would round the reference)."""
         tokens = min(SAMPLE_TOKENS, self.model.config.max_position_embeddings // 2)  # a small model: half its context
-        return self.drift(list(sampling.sample(self.model, self.tokenizer, prompts, tokens, 1.0, desc="report's samples")))
+        return self.drift(list(sampling.sample(self.model, self.tokenizer, prompts, tokens, 1.0,
+                                                  desc="report's samples" if progress else None)))
 
 
 def score_pairs(checkpoint: dict, pairs: list[data.Pair]) -> list[ScoredPair]:

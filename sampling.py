@@ -50,9 +50,9 @@ def stop_ids_of(tokenizer) -> tuple[str, list[int]]:
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, batch_size: int = 8,
-           seed: int = 0, wanted: set[int] | None = None, desc: str = "answers") -> Iterator[Sampled]:
+           seed: int = 0, wanted: set[int] | None = None, desc: str | None = "answers") -> Iterator[Sampled]:
     """The answers to the prompts of every batch that holds a wanted position (default: all), as
-    token ids (Sampled).
+    token ids (Sampled). desc names the progress bar; None: no bar.
 
     The batches are fixed, batch k = prompts[k*B : (k+1)*B], and batch k samples under its own
     seed, from (seed, k): an answer depends on the seed and its batch, never on what was
@@ -73,7 +73,7 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
     sampling = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)  # plain temperature sampling,
                 if temperature > 0 else dict(do_sample=False))                     # whatever the model's defaults
     wanted = set(range(len(prompts))) if wanted is None else wanted
-    with tqdm(total=len(wanted), desc=desc, disable=not wanted) as progress:
+    with tqdm(total=len(wanted), desc=desc, disable=not wanted or desc is None) as progress:
         for start in range(0, len(prompts), batch_size):
             positions = range(start, min(start + batch_size, len(prompts)))
             if wanted.isdisjoint(positions):
@@ -93,7 +93,7 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
 
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float,
                      batch_size: int = 8, seed: int = 0, wanted: set[int] | None = None,
-                     desc: str = "answers") -> Iterator[tuple[int, str]]:
+                     desc: str | None = "answers") -> Iterator[tuple[int, str]]:
     """(position, answer) as text a reader or a judge compares (sample, above: which batches, which
     seeds): up to EOS, the end of an assistant's turn in the model's own chat template (its markup
     never reaches the judge), or where the model starts writing the human's next turn."""
