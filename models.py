@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import importlib.metadata
 import io
 import json
 import math
@@ -129,13 +130,25 @@ def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", ve
     nn.Linear weights, where bf16 is the fast choice on a CPU.
     """
     from transformers import AutoModelForCausalLM
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    name, dtype = str(name), getattr(torch, dtype) if isinstance(dtype, str) else dtype
     tokenizer = load_tokenizer(name, verbose) if verbose else cached_tokenizer(name)  # once a process (20 s from a GGUF)
     copy = dequantised_copy(name, verbose)
-    with model_files(copy or name, verbose) as (folder, gguf):
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
     if copy:
-        as_read_from(model, name)
+        try:
+            with model_files(copy, verbose) as (folder, _):
+                return loaded(as_read_from(AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), name), tokenizer)
+        except FileNotFoundError as error:  # a copy cut short (a power loss) or changed: ours to remove
+            import shutil
+            shutil.rmtree(copy, ignore_errors=True)
+            cli.say(f"{name}: its dequantised copy {copy} did not load ({error}): removed, the file read instead "
+                    f"(the next load copies it again)")
+    with model_files(name, verbose) as (folder, gguf):
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
+    return loaded(model, tokenizer)
+
+
+def loaded(model: nn.Module, tokenizer):
+    """(model, tokenizer) as the project uses them: dropout off, eval mode."""
     disable_dropout(model)
     return model.eval(), tokenizer
 
@@ -146,10 +159,12 @@ def dequantised_copy(name: str, verbose: bool = False) -> str | None:
 
     transformers dequantises a GGUF file in Python at every load: Gemma 3 270M took 33-50 s on 2
     cores, where the same float32 weights load from a folder in under a second. The copy is made
-    under a name of this process's own and renamed when whole, keyed by the file's sha256 and
-    transformers' version (which does the dequantising), and used only if its weights hash as
-    the file's (weights_sha256): the same numbers. Files over DEQUANTISED_MAX_FILE_BYTES, or whose
-    float32 weights fit less than twice in the free space, are not copied.
+    under a name of this process's own, written to the disk and renamed when whole, keyed by the
+    file's sha256 and the versions of transformers and gguf (which dequantise), and used only if
+    its weights hash as the file's (weights_sha256): the same numbers. Files over
+    DEQUANTISED_MAX_FILE_BYTES, or whose float32 weights would fill over half the free space, are
+    not copied; a copy that does not load is removed (load_model_and_tokenizer), and what a killed
+    process left half-written is removed by the next load.
     """
     if not (name.endswith(".gguf") and os.path.isfile(name)):
         return None
@@ -157,26 +172,31 @@ def dequantised_copy(name: str, verbose: bool = False) -> str | None:
 
     import transformers
     from transformers import AutoModelForCausalLM
+    if os.path.getsize(name) > DEQUANTISED_MAX_FILE_BYTES:  # before its hash: a large file is read every time
+        cli.say(f"{name}: no dequantised copy (the file is over {DEQUANTISED_MAX_FILE_BYTES / 2 ** 30:.0f} GiB): "
+                f"read from the GGUF file, as every load before")
+        return None
     with open(name, "rb") as file:
         key = hashlib.file_digest(file, "sha256").hexdigest()[:32]
-    folder = Path.home() / ".cache" / "dpo-dequantised" / f"{key}-transformers-{transformers.__version__}"
+    makers = f"transformers-{transformers.__version__}-gguf-{importlib.metadata.version('gguf')}"  # who dequantises
+    folder = Path.home() / ".cache" / "dpo-dequantised" / f"{key}-{makers}"
+    partial = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
+    with contextlib.suppress(OSError):
+        for stale in folder.parent.glob(f"{folder.name}.*.partial"):  # left by a process killed while it copied
+            if not process_alive(int(stale.name.rsplit(".", 2)[1])):
+                shutil.rmtree(stale, ignore_errors=True)
     if (folder / "config.json").is_file():  # made by a rename: whole
         return str(folder)
-    partial = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
     try:
-        if os.path.getsize(name) > DEQUANTISED_MAX_FILE_BYTES:
-            raise ValueError(f"the file is over {DEQUANTISED_MAX_FILE_BYTES / 2 ** 30:.0f} GiB")
         partial.mkdir(parents=True, exist_ok=True)
-        for stale in partial.parent.glob(f"{folder.name}.*.partial"):  # left by a process killed while it copied
-            if stale != partial and not process_alive(int(stale.name.rsplit(".", 2)[1])):
-                shutil.rmtree(stale, ignore_errors=True)
+        estimate = FLOAT32_PER_GGUF_BYTE * os.path.getsize(name)  # checked before the minute a load takes
+        if 2 * estimate > shutil.disk_usage(partial).free:
+            raise OSError(f"its float32 weights, about {estimate / 2 ** 30:.1f} GiB, are over half the free space")
         began = time.time()
         with model_files(name, verbose) as (parent, gguf):
             model = AutoModelForCausalLM.from_pretrained(parent, gguf_file=gguf, dtype=torch.float32)
         file_sha256 = weights_sha256(model, torch.float32)  # what every run of it has recorded (checkpoints' base_sha256)
         size = 4 * sum({tensor.data_ptr(): tensor.numel() for tensor in model.state_dict().values()}.values())  # tied: once
-        if 2 * size > shutil.disk_usage(partial).free:
-            raise OSError(f"its float32 weights, {size / 2 ** 30:.1f} GiB, are over half the free space")
         model.hf_quantizer = None  # the GGUF loader: save_pretrained refuses a model it loaded, though its weights are plain
         if getattr(model.config, "quantization_config", None) is not None:
             del model.config.quantization_config
@@ -186,11 +206,20 @@ def dequantised_copy(name: str, verbose: bool = False) -> str | None:
             copy = AutoModelForCausalLM.from_pretrained(copy_folder, dtype=torch.float32)
         if weights_sha256(as_read_from(copy, name), torch.float32) != file_sha256:
             raise ValueError("its copy does not hash as the file does")
+        for written in [*partial.iterdir(), partial]:  # on the disk before the name says whole (a power loss)
+            descriptor = os.open(written, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        if folder.exists() and not (folder / "config.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # not one of ours whole: a copy someone cut
         try:
             os.replace(partial, folder)  # atomic: the folder is there whole, or not at all
         except OSError:
-            if not (folder / "config.json").is_file():  # unless another process's copy took the name first
-                raise
+            if (folder / "config.json").is_file():  # another process's copy took the name first: use it
+                return str(folder)
+            raise
         cli.say(f"{name}: dequantised once into {folder} ({size / 2 ** 30:.1f} GiB, {time.time() - began:.0f} s); "
                 f"later loads read that copy, in a second")
     except Exception as error:  # a full disk, a folder that cannot be written, a model the loader cannot save
@@ -208,6 +237,9 @@ def as_read_from(model: nn.Module, gguf_path: str) -> nn.Module:
     from transformers.utils.quantization_config import GgufConfig
     model.config.quantization_config = GgufConfig(gguf_file=os.path.basename(gguf_path))
     return model
+
+
+FLOAT32_PER_GGUF_BYTE = 8  # a GGUF of 4-bit weights (4.5 bits each with scales) holds ~7x fewer bytes than float32
 
 
 def process_alive(pid: int) -> bool:

@@ -115,3 +115,60 @@ def test_the_bundled_model_is_made_whole_again_from_a_copy_cut_short_and_by_proc
     assert [child.returncode for child in children] == [0, 0, 0], [err[-2000:] for _, err in outputs]
     assert {out.strip() for out, _ in outputs} == {str(target)}
     assert package._sha256_file(target) == package.EXPECTED_SHA256 and list(target.parent.iterdir()) == [target]
+
+
+def direct_load(gguf_path: str):
+    """The GGUF file read by transformers itself, no copy: what a copy must equal."""
+    from transformers import AutoModelForCausalLM
+    folder, name = os.path.split(gguf_path)
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32").eval()
+
+
+def test_a_gguf_is_copied_once_and_a_copy_cut_short_or_a_stale_half_copy_is_removed_not_used(tmp_path, monkeypatch, capsys):
+    """A tiny GGUF: the first load copies it (one line), the second reads the copy (silent) to the
+    file's weights; a copy whose weights file was cut (a power loss) is removed and the file read
+    (one line), and the next load copies it again; a copy without its config (not whole) is made
+    again, and a half copy left by a killed process is swept."""
+    import subprocess
+
+    import torch
+
+    from tiny_gguf import write_tiny_gguf
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    truth = models.weights_sha256(direct_load(gguf), torch.float32)
+    ids = torch.tensor([[0, 40, 41, 42, 43]])
+    expected = direct_load(gguf)(ids).logits
+
+    def load():
+        capsys.readouterr()
+        model, _ = models.load_model_and_tokenizer(gguf, "float32")
+        said = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert models.weights_sha256(model, torch.float32) == truth
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, expected)
+        return model, said
+
+    copies = tmp_path / "home" / ".cache" / "dpo-dequantised"
+    model, said = load()
+    assert len(said) == 1 and "dequantised once into" in said[0], said
+    copy = Path(model.config._name_or_path)
+    assert copy.parent == copies and (copy / "model.safetensors").is_file()
+    model, said = load()
+    assert said == [] and Path(model.config._name_or_path) == copy
+    with open(copy / "model.safetensors", "r+b") as weights:
+        weights.truncate(5000)
+    model, said = load()
+    assert len(said) == 1 and "did not load" in said[0] and "removed" in said[0], said
+    assert not copy.exists() and Path(model.config._name_or_path) == tmp_path
+    _, said = load()
+    assert len(said) == 1 and "dequantised once into" in said[0] and copy.is_dir()
+    (copy / "config.json").unlink()  # a folder that is not whole under the copy's name
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = copies / f"{copy.name}.{dead.pid}.partial"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    _, said = load()
+    assert len(said) == 1 and "dequantised once into" in said[0], said
+    assert (copy / "config.json").is_file() and not stale.exists() and sorted(p.name for p in copies.iterdir()) == [copy.name]
