@@ -22,9 +22,14 @@ Section 6), with a small local judge in the place of GPT-4:
   3. Win rates. A pair is a tie when |pref - 0.5| <= tie margin, else a win or a loss for X.
      The win rate is wins / (wins + losses) with a 95% Wilson score interval.
 
-The judge states its own trust: it also judges --sanity human-labelled test pairs, and
-the last line of the report is its agreement with people. When that interval holds 50%, the
-judge is not shown to be better than a coin, and the report says the win rates are no evidence.
+The judge states its own trust. It also judges --controls pairs whose right answer is not in
+doubt (an answer against another conversation's, against its own words shuffled or cut, against
+itself written twice), and --sanity human-labelled test pairs. The last line decides from the
+controls: a judge not shown to pick the right answer there, or pulled to one position, is not
+reading the answers, and its win rates are no evidence. Agreement with people is printed beside,
+with what judges reach on the same set: on HH-RLHF harmless-base even GPT-4o agrees with the
+labels about half the time, so that agreement cannot tell a good judge from a coin. With
+--controls 0 it decides, as before: no evidence when its interval holds 50%.
 
 Every answer and verdict is appended to a JSONL log as it is made, after a header with what
 they depend on, so --resume loses nothing and never mixes two runs. The judge runs in a child
@@ -39,6 +44,7 @@ import functools
 import hashlib
 import json
 import os
+import random
 import sys
 from dataclasses import asdict, dataclass
 
@@ -76,6 +82,10 @@ class JudgeConfig:
     # 25 sanity pairs: a 95% interval of +-18 points around 50%, so a judge at chance is exposed and one that
     # agrees on 18 of 25 (72%) is shown better than a coin, for 50 judge calls (2.5x those of 5 questions).
     sanity: int = 25                   # also judge this many human-labelled test pairs: agreement with people; 0 = skip
+    # Controls: pairs whose right answer is not in doubt (an answer against another conversation's, its words
+    # shuffled, cut, written twice), built from the test pairs. 12 of each: a judge that reads gets 12 of 12 and an
+    # interval [76%, 100%]; a coin's holds 50%. 4 x 12 pairs, 96 judge calls.
+    controls: int = 12                 # judge this many pairs of each control; the trust line decides from them; 0 = skip
     # log
     output: str = "judgements.jsonl"  # JSONL log of every answer and verdict, written as made
     resume: bool = False               # continue --output, skipping what it holds (otherwise it starts afresh)
@@ -83,8 +93,9 @@ class JudgeConfig:
     progress: bool = True              # show progress bars
 
     def __post_init__(self):
-        if self.num_test_questions < 0 or self.sanity < 0 or self.num_test_questions + self.sanity == 0:
-            raise ValueError("num_test_questions and sanity must be >= 0, and not both 0")
+        if min(self.num_test_questions, self.sanity, self.controls) < 0 or \
+                self.num_test_questions + self.sanity + self.controls == 0:
+            raise ValueError("num_test_questions, sanity and controls must be >= 0, and not all 0")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {self.max_new_tokens}, {self.batch_size}")
         if self.temperature < 0:
@@ -153,6 +164,56 @@ def outcome(preference: float, tie_margin: float) -> str:
     if abs(preference - 0.5) <= tie_margin:
         return "tie"
     return "win" if preference > 0.5 else "loss"
+
+
+# ---------------------------------------------------------------------------------------
+# Controls: pairs whose right answer is not in doubt, X always the right one
+# ---------------------------------------------------------------------------------------
+
+CUT_WORDS = 4  # "cut": an answer against its first 4 words (answers of more than twice as many)
+CONTROLS = {  # name: (what X and Y are, whether the trust line decides from it, where it comes from)
+    "relevance": ("this conversation's answer vs another conversation's answer", True,
+                  "an answer to another question, as in MT-Bench's and LLMBar's off-topic outputs"),
+    "shuffled": ("an answer vs the same answer with its words shuffled", True, "integrity: the same words, no sense"),
+    "cut": (f"an answer vs its first {CUT_WORDS} words", True, "integrity: a reply cut off"),
+    "repeated": ("an answer vs the same answer written twice", False,
+                 "verbosity bias, Zheng et al. 2023 (arXiv 2306.05685) Section 3.3, repetitive-list attack"),
+}
+
+
+def shuffled_words(text: str, seed: int) -> str | None:
+    """The text's words in another order (a seeded shuffle), or None when no order differs."""
+    words = text.split()
+    if len(set(words)) < 2:
+        return None
+    rng = random.Random(seed)
+    order = list(words)
+    while order == words:
+        rng.shuffle(order)
+    return " ".join(order)
+
+
+def cut_words(text: str) -> str | None:
+    """The text's first CUT_WORDS words, when it has more than twice as many."""
+    words = text.split()
+    return " ".join(words[:CUT_WORDS]) if len(words) > 2 * CUT_WORDS else None
+
+
+def control_items(prompts: list[str], answers: list[str], count: int) -> dict[str, list[tuple[int, str, str, str]]]:
+    """Up to count (prompt_id, conversation, right answer X, wrong answer Y) items of each control,
+    from the held-out pairs' conversations and their chosen answers, in order, skipping a pair
+    where a control cannot be built (an answer too short to cut, one word to shuffle)."""
+    items = {name: [] for name in CONTROLS}
+    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+        answer = answer.strip()
+        others = [j for j in [*range(i + 1, len(prompts)), *range(i)]
+                  if prompts[j] != prompt and answers[j].strip() != answer and answers[j].strip()]
+        wrong = {"relevance": answers[others[0]].strip() if others else None, "shuffled": shuffled_words(answer, i),
+                 "cut": cut_words(answer), "repeated": f"{answer} {answer}" if answer else None}
+        for name, wrong_answer in wrong.items():
+            if answer and wrong_answer is not None and len(items[name]) < count:
+                items[name].append((i, prompt, answer, wrong_answer))
+    return items
 
 
 # ---------------------------------------------------------------------------------------
@@ -406,9 +467,72 @@ def trust_line(sanity: ComparisonResult | None) -> str:
             f"no evidence either way")
 
 
-def report(results: dict[str, ComparisonResult]) -> str:
-    """The comparisons, each opening with the seed's three lines, then how far to trust the judge."""
-    return "\n\n".join([*(format_result(result) for result in results.values()), trust_line(results.get("sanity"))])
+# Where the human pairs' agreement stands: what judges and people reach on HH-RLHF harmless-base.
+ANCHORS = {"harmless-base": "judges measured on HH-RLHF harmless-base agree with its labels about half the time "
+                            "(RewardBench's anthropic_harmless, 2.27k pairs: GPT-4o 52.5%, Claude-3-haiku 51.0%, "
+                            "Llama-3-70B-Instruct 47.2%), researchers with its crowdworkers about 63% (Bai et al. 2022, "
+                            "arXiv 2204.05862): the labels' noise as much as the judge's"}
+
+
+def subset_of(checkpoint: dict) -> str | None:
+    """The HH-RLHF subset a run's held-out pairs come from (the bundled file is harmless-base), else None."""
+    config = settings.config_from_dict(checkpoint["config"])
+    return config.hub_subset if config.data == data.HUB_DATASET else "harmless-base" if config.data == data.BUNDLED_DATA else None
+
+
+def interval(result: ComparisonResult) -> str:
+    return (f"{percent(result.win_rate)} [{result.ci_low:.0%}, {result.ci_high:.0%}] on {result.wins + result.losses} "
+            f"decisive of {result.n}")
+
+
+def people_line(sanity: ComparisonResult | None, subset: str | None) -> str:
+    """The judge's agreement with people's labels, as what it is: beside what others reach on the same set."""
+    if sanity is None:
+        return "Judge agreement with people not measured (--sanity 0)"
+    anchor = f" ({ANCHORS[subset]})" if subset in ANCHORS else ""
+    return f"Judge agreement with people {interval(sanity)} human-labelled {subset + ' ' if subset else ''}pairs{anchor}"
+
+
+def controls_block(controls: dict[str, ComparisonResult]) -> str:
+    lines = ["Controls, where the right answer is not in doubt (both orders; X is the right one):"]
+    for name, result in controls.items():
+        what, decides, _ = CONTROLS[name]
+        lines.append(f"  {name} ({what}): right in {interval(result)}, position consistency "
+                     f"{percent(result.position_consistency)}{'' if decides else ' (reported, not deciding)'}")
+    return "\n".join(lines)
+
+
+def controls_trust_line(controls: dict[str, ComparisonResult]) -> str:
+    """Whether the win rates are evidence, decided by the controls: the judge must pick the right
+    answer of every deciding control more often than a coin would (the Wilson interval above 50%),
+    and its two orders must agree on at least half of those pairs (a judge pulled to one position
+    is otherwise right by the order, not the answers)."""
+    deciding = [name for name, (_, decides, _) in CONTROLS.items() if decides]
+    failed = [name for name in deciding if name not in controls or not (controls[name].significant and controls[name].win_rate > 0.5)]
+    weighted = [(controls[name].position_consistency, controls[name].n) for name in deciding
+                if name in controls and controls[name].position_consistency is not None]
+    consistency = sum(c * n for c, n in weighted) / sum(n for _, n in weighted) if weighted else None
+    reasons = [f"not shown to pick the right answer on {', '.join(failed)}"] if failed else []
+    if consistency is not None and consistency < 0.5:
+        reasons.append(f"position-biased: its two orders agree on {consistency:.0%} of the control pairs")
+    if reasons:
+        return (f"Trust: the judge fails its controls ({'; '.join(reasons)}): it is not shown to read the answers, so "
+                f"the win rates above are no evidence either way")
+    return (f"Trust: the judge passes its controls (the right answer on {', '.join(deciding)}; its two orders agree on "
+            f"{consistency:.0%}): the win rates above are the verdicts of a judge that reads the answers, with its "
+            f"agreement with people beside them")
+
+
+def report(results: dict[str, ComparisonResult], subset: str | None = None) -> str:
+    """The comparisons, each opening with the seed's three lines, then how far to trust the judge:
+    with controls, what they found, the agreement with people and the trust line they decide;
+    without (--controls 0), the agreement with people decides, as before."""
+    controls = {name: results[name] for name in CONTROLS if name in results}
+    blocks = [format_result(result) for name, result in results.items() if name not in CONTROLS]
+    if not controls:
+        return "\n\n".join([*blocks, trust_line(results.get("sanity"))])
+    return "\n\n".join([*blocks, "\n".join([controls_block(controls), people_line(results.get("sanity"), subset),
+                                           controls_trust_line(controls)])])
 
 
 def logged_answers(checkpoint: dict, prompts: list[str], config: JudgeConfig, judgements: JudgementLog) -> dict[str, list[str]]:
@@ -454,10 +578,13 @@ def evaluate(config: JudgeConfig, judge: Judge | None = None) -> dict[str, Compa
             for x, y in compared}
         items["sanity"] = [(i, pair.prompt, data.without_turn_end(pair.chosen, turn_end), data.without_turn_end(pair.rejected, turn_end))
                            for i, pair in enumerate(pairs[:config.sanity])]
+        if config.controls:
+            items.update(control_items([pair.prompt for pair in pairs],
+                                       [data.without_turn_end(pair.chosen, turn_end) for pair in pairs], config.controls))
         results = {name: summarise(name, judge_comparison(judge, name, items[name], judgements, config.tie_margin,
                                                           config.progress), config.tie_margin)
                    for name in items if items[name]}
-        judgements.append({"kind": "summary", "report": report(results),  # what judge.py prints, for report.py
+        judgements.append({"kind": "summary", "report": report(results, subset_of(checkpoint)),  # what judge.py prints, for report.py
                            "results": {name: asdict(result) for name, result in results.items()}})
         return results
 
@@ -512,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"judge.py: interrupted; {config.output} keeps what was done: rerun with --resume", file=sys.stderr)
         return 130
-    print(report(results))
+    print(report(results, subset_of(checkpoints.load_checkpoint(config.checkpoint))))
     return 0
 
 

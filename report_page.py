@@ -387,7 +387,7 @@ def judge_html(log: JudgeLog, names: list[str]) -> str:
     """Each prompt's answers side by side with their lengths, and the verdicts on them in both orders."""
     verdicts = {}
     for record in log.judgements:
-        if record["comparison"] != "sanity":  # the sanity pairs are the dataset's, judged for the trust line
+        if "_vs_" in record["comparison"]:  # models' answers; the sanity pairs and controls are the dataset's, for trust
             verdicts.setdefault(record["prompt_id"], []).append(record)
     parts = [f"<h3>{escaped(log.path.name)}: answers of {escaped(log.checkpoint)}'s models, judge "
              f"{escaped(str(log.header.get('judge_model')))}, sampled at temperature {log.header.get('temperature')}</h3>"]

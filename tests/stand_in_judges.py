@@ -1,5 +1,6 @@
 """Judges that stand in for the llama.cpp one where a test needs to script the verdicts. Light to
 import (no torch): the judge's child process imports this file to make one."""
+import hashlib
 import math
 import os
 import signal
@@ -27,3 +28,26 @@ class KillsItself:
         if self.calls == self.crash_at:
             os.kill(os.getpid(), signal.SIGSEGV)
         return longer_is_better(conversation, answer_a, answer_b)
+
+
+class Reader:
+    """A judge that reads: it knows each conversation's own answer (the dataset's chosen one) and
+    prefers it, whichever position it is shown in; otherwise it cannot tell."""
+
+    def __init__(self, own: dict):
+        self.own = {conversation: answer.strip() for conversation, answer in own.items()}
+
+    def __call__(self, conversation, answer_a, answer_b):
+        own = self.own.get(conversation)
+        return 0.9 if answer_a.strip() == own else 0.1 if answer_b.strip() == own else 0.5
+
+
+def coin(conversation, answer_a, answer_b):
+    """A judge that reads nothing: p(A) drawn from the question's hash, the same for the same question."""
+    digest = hashlib.sha256("\x00".join((conversation, answer_a, answer_b)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
+def first_position(conversation, answer_a, answer_b):
+    """A judge pulled to the first position: A, whatever the answers."""
+    return 0.9

@@ -29,6 +29,7 @@ import sampling
 import settings
 import train
 from conftest import gpt2_tokenizer, tiny_gpt2
+import stand_in_judges
 from stand_in_judges import KillsItself, longer_is_better
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -300,7 +301,8 @@ def test_a_native_crash_of_the_judge_is_one_line_and_the_log_keeps_every_verdict
     monkeypatch.setattr(judge, "LlamaJudge", KillsItself)  # pickled by name: the child makes a KillsItself
     monkeypatch.setenv("CRASH_AT", str(crash_at))
     output = tmp_path / "j.jsonl"
-    argv = [checkpoint, "--num-test-questions", "2", "--sanity", "2", "--max-new-tokens", "6", "--output", str(output)]
+    argv = [checkpoint, "--num-test-questions", "2", "--sanity", "2", "--controls", "0", "--max-new-tokens", "6",
+            "--output", str(output)]
     assert judge.main(argv) == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("judge.py: error: the judge (llama.cpp, gemma-3-270m-q4_k_m.gguf) died of SIGSEGV " + doing)
@@ -378,7 +380,7 @@ def test_with_the_hub_the_seeds_judge_is_downloaded_then_loaded_by_llama_cpp(che
     monkeypatch.setattr(models, "hub_unreachable_reason", lambda: None)
     monkeypatch.setattr(judge, "download_judge", lambda: downloads.append(1) or models.bundled_model())  # no 4 GB here
     output = tmp_path / "j.jsonl"
-    assert judge.main([checkpoint, "--num-test-questions", "1", "--sanity", "1", "--max-new-tokens", "4",
+    assert judge.main([checkpoint, "--num-test-questions", "1", "--sanity", "1", "--controls", "1", "--max-new-tokens", "4",
                        "--judge-context", "512", "--output", str(output)]) == 0
     records = [json.loads(line) for line in output.open()]
     assert downloads == [1] and records[0]["judge_model"].startswith("gemma-3-270m-q4_k_m.gguf (")
@@ -443,7 +445,7 @@ def test_cheap_checks_fail_before_any_model_loads(checkpoint, tmp_path, monkeypa
 @pytest.mark.parametrize("verbose", [False, True])
 def test_stderr_holds_only_our_lines_unless_verbose(checkpoint, tmp_path, verbose):
     """Run as a user runs it, in a process of its own: llama.cpp prints from C, straight to file 2."""
-    command = [sys.executable, str(ROOT / "judge.py"), checkpoint, "--num-test-questions", "1", "--sanity", "1",
+    command = [sys.executable, str(ROOT / "judge.py"), checkpoint, "--num-test-questions", "1", "--sanity", "1", "--controls", "1",
                "--max-new-tokens", "4", "--judge-context", "512", "--output", str(tmp_path / "j.jsonl")]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # offline: the Gemma stand-in
     run = subprocess.run(command + ["--verbose"] * verbose, capture_output=True, text=True, env=environment,
@@ -741,7 +743,7 @@ def test_every_model_draws_the_same_random_numbers(tmp_path, tokenizer):
 
 def test_evaluate_logs_everything_and_resume_judges_nothing_again(checkpoint, gemma_judge, tmp_path, monkeypatch, capsys):
     output = str(tmp_path / "judgements.jsonl")
-    config = judge.JudgeConfig(checkpoint, num_test_questions=3, sanity=2, max_new_tokens=6, output=output)
+    config = judge.JudgeConfig(checkpoint, num_test_questions=3, sanity=2, controls=0, max_new_tokens=6, output=output)
     first = Counted(gemma_judge)
     results = judge.evaluate(config, judge=first)
     assert set(results) == {"dpo_vs_base", "dpo_vs_dataset", "sanity"}
@@ -762,8 +764,8 @@ def test_evaluate_logs_everything_and_resume_judges_nothing_again(checkpoint, ge
     assert resumed[-1]["kind"] == records[-1]["kind"] == "summary" and resumed[-1] == records[-1]  # what it printed, again
     assert records[-1]["report"] == judge.report(results)
 
-    assert judge.main([checkpoint, "--num-test-questions", "3", "--sanity", "2", "--max-new-tokens", "6",
-                       "--output", output, "--resume", "--judge-context", "512"]) == 0
+    assert judge.main([checkpoint, "--num-test-questions", "3", "--sanity", "2", "--controls", "0", "--max-new-tokens",
+                       "6", "--output", output, "--resume", "--judge-context", "512"]) == 0
     out = capsys.readouterr().out
     for line in ("Number of wins of the base model: ", "Number of wins of the DPO model: ",
                  "Number of wins of the dataset answers: ", "Winner: ", "Number of ties: ", "95% CI"):
@@ -779,7 +781,7 @@ def test_after_an_sft_stage_dpo_is_also_compared_with_the_sft_model(checkpoint, 
     sft = train.train(train.TrainConfig(**{**run_settings, "loss_type": "sft", "checkpoint_dir": str(tmp_path / "sft")}))
     sft_file = str(tmp_path / "sft" / "best.pt")
     train.train(train.TrainConfig(**{**run_settings, "sft_checkpoint": sft_file, "checkpoint_dir": str(tmp_path / "dpo")}))
-    options = dict(num_test_questions=3, sanity=2, max_new_tokens=6)
+    options = dict(num_test_questions=3, sanity=2, controls=0, max_new_tokens=6)
     results = judge.evaluate(judge.JudgeConfig(str(tmp_path / "dpo" / "last.pt"), output=str(tmp_path / "j.jsonl"),
                                                **options), judge=longer_is_better)
     assert list(results) == ["dpo_vs_base", "dpo_vs_sft", "dpo_vs_dataset", "sanity"]
@@ -793,17 +795,37 @@ def test_after_an_sft_stage_dpo_is_also_compared_with_the_sft_model(checkpoint, 
                                                                                           "sft_vs_dataset", "sanity"]
 
 
+def test_controls_are_judged_in_both_orders_logged_and_not_judged_again_on_resume(checkpoint, tmp_path):
+    output = str(tmp_path / "j.jsonl")
+    config = judge.JudgeConfig(checkpoint, num_test_questions=1, sanity=1, controls=3, max_new_tokens=6, output=output)
+    first = Counted(longer_is_better)
+    results = judge.evaluate(config, judge=first)
+    built = [name for name in judge.CONTROLS if name in results]
+    assert built and all(0 < results[name].n <= 3 for name in built)
+    records = [json.loads(line) for line in open(output)]
+    controls = [r for r in records if r["kind"] == "judgement" and r["comparison"] in judge.CONTROLS]
+    assert len(controls) == sum(results[name].n for name in built)
+    assert all(r["p_a_x_first"] is not None and r["p_b_x_second"] is not None for r in controls)  # both orders asked
+    again = Counted(longer_is_better)
+    assert judge.evaluate(dataclasses.replace(config, resume=True), judge=again) == results and again.calls == 0
+    assert records[-1]["report"].splitlines()[-1].startswith("Trust: the judge ")
+
+
 def test_every_run_also_measures_the_judge_against_people(checkpoint, tmp_path):
     config = judge.JudgeConfig(checkpoint, max_new_tokens=6, output=str(tmp_path / "j.jsonl"))  # no --sanity given
     results = judge.evaluate(config, judge=longer_is_better)  # the human-chosen answers are the longer ones here
     assert results["sanity"].n == config.sanity == 25 and results["sanity"].wins == 25
-    assert judge.report(results).splitlines()[-1] == (
+    *_, people, trust = judge.report(results).splitlines()
+    assert people == "Judge agreement with people 100.0% [87%, 100%] on 25 decisive of 25 human-labelled pairs"
+    assert trust.startswith("Trust: the judge fails its controls")  # longer answers are not always right ones
+    without_controls = {name: result for name, result in results.items() if name not in judge.CONTROLS}
+    assert judge.report(without_controls).splitlines()[-1] == (  # --controls 0: people decide, as before
         "Judge agreement with people 100.0% [87%, 100%] on 25 decisive of 25 human-labelled pairs: better than a "
         "coin, so the win rates above are evidence, as far as this judge goes")
 
 
 def test_run_eval_is_evaluate_under_the_seeds_signature(checkpoint, tmp_path):
-    options = dict(sanity=2, max_new_tokens=6, judge_context=512, output=str(tmp_path / "j.jsonl"))
+    options = dict(sanity=2, controls=0, max_new_tokens=6, judge_context=512, output=str(tmp_path / "j.jsonl"))
     results = judge.run_eval("gpt2", "Anthropic/hh-rlhf", 2, load_path=checkpoint, **options)  # the seed's defaults pass
     again = Counted(longer_is_better)  # another judge: a result equal to the real judge's was read from the log
     assert judge.evaluate(judge.JudgeConfig(checkpoint, num_test_questions=2, resume=True, **options), judge=again) == results
@@ -822,7 +844,7 @@ def test_run_eval_refuses_a_model_or_data_the_checkpoint_was_not_trained_on(chec
 
 @pytest.mark.parametrize("argv, message", [
     (["ckpt.pt", "--tie-margin", "0.7"], "tie_margin"), (["ckpt.pt", "--no-such-flag"], "unrecognized"),
-    ([], "checkpoint"), (["ckpt.pt", "--num-test-questions", "0", "--sanity", "0"], "not both 0"),
+    ([], "checkpoint"), (["ckpt.pt", "--num-test-questions", "0", "--sanity", "0", "--controls", "0"], "not all 0"),
     (["ckpt.pt", "--temperature", "x"], "invalid float")])
 def test_cli_misuse_is_one_line_and_exit_code_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -837,3 +859,69 @@ def test_help_lists_every_knob_with_its_default(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for field in dataclasses.fields(judge.JudgeConfig)[1:]:
         assert f"--{field.name.replace('_', '-')}" in out and f"(default: {field.default})" in out
+
+
+# ---------------------------------------------------------------------------------------
+# Controls: pairs whose right answer is not in doubt, and the trust line they decide
+# ---------------------------------------------------------------------------------------
+
+words = st.text(alphabet="ab c\n", max_size=40)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["x", "y", "z", "w"]), words), min_size=1, max_size=12), st.integers(1, 12))
+def test_each_control_pairs_an_answer_with_what_is_wrong_with_it_and_never_with_itself(rows, count):
+    prompts, answers = [prompt for prompt, _ in rows], [answer for _, answer in rows]
+    items = judge.control_items(prompts, answers, count)
+    assert set(items) == set(judge.CONTROLS)
+    for name, built in items.items():
+        assert len(built) <= count and [i for i, *_ in built] == sorted({i for i, *_ in built})
+        for i, conversation, right, wrong in built:
+            assert conversation == prompts[i] and right == answers[i].strip() and right and wrong != right
+            if name == "relevance":  # another conversation's answer, never this one's
+                assert wrong in {answers[j].strip() for j in range(len(rows)) if prompts[j] != prompts[i]}
+            elif name == "shuffled":  # the same words, in another order
+                assert sorted(wrong.split()) == sorted(right.split()) and wrong.split() != right.split()
+            elif name == "cut":
+                assert wrong.split() == right.split()[:judge.CUT_WORDS] and len(right.split()) > 2 * judge.CUT_WORDS
+            else:
+                assert wrong == f"{right} {right}"
+
+
+def trust_of(judge_function, tmp_path, sanity: int = 12, controls: int = 12):
+    """The report of judge_function on the bundled test pairs' controls and human pairs."""
+    pairs = data.split_data(data.BUNDLED_DATA).test
+    prompts, chosen = [p.prompt for p in pairs], [p.chosen for p in pairs]
+    items = judge.control_items(prompts, chosen, controls) if controls else {}
+    items["sanity"] = [(i, p.prompt, p.chosen, p.rejected) for i, p in enumerate(pairs[:sanity])]
+    log = judge.JudgementLog(str(tmp_path / f"{id(judge_function)}.jsonl"), {}, resume=False)
+    results = {name: judge.summarise(name, judge.judge_comparison(judge_function, name, rows, log, 0.05, progress=False), 0.05)
+               for name, rows in items.items() if rows}
+    return judge.report(results, "harmless-base"), pairs
+
+
+def test_the_trust_line_believes_a_judge_that_reads_and_neither_a_coin_nor_one_pulled_to_a_position(tmp_path):
+    pairs = data.split_data(data.BUNDLED_DATA).test
+    reader = stand_in_judges.Reader({p.prompt: p.chosen for p in pairs})
+    read, _ = trust_of(reader, tmp_path)
+    assert read.splitlines()[-1].startswith("Trust: the judge passes its controls") and "no evidence" not in read
+    for name in judge.CONTROLS:
+        assert f"  {name} (" in read and "right in 100.0% [76%, 100%] on 12 decisive of 12" in read
+    people = read.splitlines()[-2]
+    assert people.startswith("Judge agreement with people 100.0%") and "GPT-4o 52.5%" in people  # the anchor beside it
+    for other in (stand_in_judges.coin, stand_in_judges.first_position):
+        line = trust_of(other, tmp_path)[0].splitlines()[-1]
+        assert line.startswith("Trust: the judge fails its controls") and line.endswith("no evidence either way"), line
+    pulled = trust_of(stand_in_judges.first_position, tmp_path)[0].splitlines()[-1]
+    assert "position-biased: its two orders agree on 0% of the control pairs" in pulled
+    longer = trust_of(longer_is_better, tmp_path)[0].splitlines()  # passes "cut", not what needs reading
+    assert "not shown to pick the right answer on relevance, shuffled" in longer[-1] and "no evidence" in longer[-1]
+
+
+def test_without_human_pairs_the_report_says_so_and_without_controls_people_decide_as_before(tmp_path):
+    pairs = data.split_data(data.BUNDLED_DATA).test
+    reader = stand_in_judges.Reader({p.prompt: p.chosen for p in pairs})
+    no_people = trust_of(reader, tmp_path, sanity=0)[0].splitlines()
+    assert no_people[-2] == "Judge agreement with people not measured (--sanity 0)"
+    assert no_people[-1].startswith("Trust: the judge passes its controls")
+    no_controls = trust_of(reader, tmp_path, controls=0)[0].splitlines()
+    assert no_controls[-1].startswith("Judge agreement with people 100.0%") and "better than a coin" in no_controls[-1]

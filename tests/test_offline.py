@@ -45,7 +45,7 @@ def test_train_without_the_hub_says_so_and_trains_the_bundled_model_on_the_bundl
 def test_judge_without_the_hub_prints_the_seeds_lines_and_the_judges_agreement(offline_run):
     _, run_dir = offline_run
     done = subprocess.run([sys.executable, str(ROOT / "judge.py"), str(run_dir / "best.pt"), "--num-test-questions", "1",
-                           "--sanity", "2", "--max-new-tokens", "8", "--output", str(run_dir / "judgements.jsonl")],
+                           "--sanity", "2", "--controls", "2", "--max-new-tokens", "8", "--output", str(run_dir / "judgements.jsonl")],
                           cwd=run_dir, env=offline_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
     stand_in = [line for line in done.stderr.splitlines() if "cannot be reached" in line]
@@ -53,7 +53,8 @@ def test_judge_without_the_hub_prints_the_seeds_lines_and_the_judges_agreement(o
     lines = done.stdout.splitlines()
     first = next(i for i, line in enumerate(lines) if line.startswith("Number of wins of the base model: "))
     assert lines[first + 1].startswith("Number of wins of the DPO model: ") and lines[first + 2].startswith("Winner: ")
-    assert lines[-1].startswith("Judge agreement with people") and "2 human-labelled pairs" in lines[-1]
+    assert lines[-2].startswith("Judge agreement with people") and "2 human-labelled harmless-base pairs" in lines[-2]
+    assert "GPT-4o 52.5%" in lines[-2] and lines[-1].startswith("Trust: the judge")  # the anchor; the controls decide
 
 
 def test_a_checkpoint_of_the_gguf_model_exports_a_merged_folder_transformers_loads(offline_run, tmp_path, capsys):
