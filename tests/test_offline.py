@@ -45,7 +45,7 @@ def test_train_without_the_hub_says_so_and_trains_the_bundled_model_on_the_bundl
 def test_judge_without_the_hub_prints_the_seeds_lines_and_the_judges_agreement(offline_run):
     _, run_dir = offline_run
     done = subprocess.run([sys.executable, str(ROOT / "judge.py"), str(run_dir / "best.pt"), "--num-test-questions", "1",
-                           "--sanity", "2", "--controls", "2", "--max-new-tokens", "8", "--output", str(run_dir / "judgements.jsonl")],
+                           "--sanity", "2", "--controls", "1", "--max-new-tokens", "8", "--output", str(run_dir / "judgements.jsonl")],
                           cwd=run_dir, env=offline_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
     stand_in = [line for line in done.stderr.splitlines() if "cannot be reached" in line]

@@ -39,7 +39,7 @@ def test_the_tutorial_runs_top_to_bottom_offline_in_a_real_kernel_and_shows_what
     assert printed["eq7"].startswith("loss 0.6931 (log 2 = 0.6931)")  # policy = reference at the start
     assert printed["by_hand"].startswith("by hand 0.5544, dpo.dpo_loss 0.5544")
     assert "bit for bit: True" in printed["lora"]
-    assert "step 24 validation" in printed["run"] and "image/png" in kinds_of(cells["run"])
+    assert "step 16 validation" in printed["run"] and "image/png" in kinds_of(cells["run"])
     assert "text/html" in kinds_of(cells["tokens"]) and "step 1's pair" in printed["tokens"]
     assert "KL(π ‖ π_ref)" in printed["kl"]
     *_, people, trust = printed["win_rate"].rstrip().splitlines()
