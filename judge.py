@@ -46,6 +46,7 @@ import json
 import os
 import random
 import sys
+import unicodedata
 from dataclasses import asdict, dataclass
 
 from tqdm import tqdm
@@ -199,16 +200,24 @@ def cut_words(text: str) -> str | None:
     return " ".join(words[:CUT_WORDS]) if len(words) > 2 * CUT_WORDS else None
 
 
+def plain(text: str) -> str:
+    """A text as the controls compare it: Unicode-normalised (NFKC), its words joined by single
+    spaces, so that a control's two answers differ in what the control is about, never in spacing."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
 def control_items(prompts: list[str], answers: list[str], count: int) -> dict[str, list[tuple[int, str, str, str]]]:
     """Up to count (prompt_id, conversation, right answer X, wrong answer Y) items of each control,
     from the held-out pairs' conversations and their chosen answers, in order, skipping a pair
-    where a control cannot be built (an answer too short to cut, one word to shuffle)."""
+    where a control cannot be built (an answer too short to cut, one word to shuffle). Both
+    answers are plain(): a shuffle or a cut never also drops a newline a judge could count."""
     items = {name: [] for name in CONTROLS}
-    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
-        answer = answer.strip()
-        others = [j for j in [*range(i + 1, len(prompts)), *range(i)]
-                  if prompts[j] != prompt and answers[j].strip() != answer and answers[j].strip()]
-        wrong = {"relevance": answers[others[0]].strip() if others else None, "shuffled": shuffled_words(answer, i),
+    plain_prompts, plain_answers = [plain(p) for p in prompts], [plain(a) for a in answers]
+    for i, (prompt, answer) in enumerate(zip(prompts, plain_answers)):
+        others = [j for j in [*range(i + 1, len(plain_answers)), *range(i)]  # another question, another answer
+                  if plain_prompts[j].casefold() != plain_prompts[i].casefold()
+                  and plain_answers[j].casefold() != answer.casefold() and plain_answers[j]]
+        wrong = {"relevance": plain_answers[others[0]] if others else None, "shuffled": shuffled_words(answer, i),
                  "cut": cut_words(answer), "repeated": f"{answer} {answer}" if answer else None}
         for name, wrong_answer in wrong.items():
             if answer and wrong_answer is not None and len(items[name]) < count:
@@ -504,11 +513,17 @@ def controls_block(controls: dict[str, ComparisonResult]) -> str:
 
 def controls_trust_line(controls: dict[str, ComparisonResult]) -> str:
     """Whether the win rates are evidence, decided by the controls: the judge must pick the right
-    answer of every deciding control more often than a coin would (the Wilson interval above 50%),
+    answer of every deciding control more often than a coin would (the Wilson interval of its right
+    verdicts among all the control's pairs, ties counted as not right, above 50%),
     and its two orders must agree on at least half of those pairs (a judge pulled to one position
     is otherwise right by the order, not the answers)."""
     deciding = [name for name, (_, decides, _) in CONTROLS.items() if decides]
-    failed = [name for name in deciding if name not in controls or not (controls[name].significant and controls[name].win_rate > 0.5)]
+    missing = [name for name in deciding if name not in controls]
+    if missing:  # not measured is not failed: the judge is unchecked
+        return (f"Trust: no pair of the test split could make the {', '.join(missing)} control, so the judge is "
+                f"unchecked and the win rates above are no evidence either way")
+    # right in more than half of ALL its pairs, a tie counting as not right: a judge that decides few pairs is not reading
+    failed = [name for name in deciding if wilson_interval(controls[name].wins, controls[name].n)[0] <= 0.5]
     weighted = [(controls[name].position_consistency, controls[name].n) for name in deciding
                 if name in controls and controls[name].position_consistency is not None]
     consistency = sum(c * n for c, n in weighted) / sum(n for _, n in weighted) if weighted else None

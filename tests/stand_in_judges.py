@@ -4,6 +4,7 @@ import hashlib
 import math
 import os
 import signal
+import unicodedata
 
 
 def longer_is_better(conversation, answer_a, answer_b, bias=0.0):
@@ -35,11 +36,16 @@ class Reader:
     prefers it, whichever position it is shown in; otherwise it cannot tell."""
 
     def __init__(self, own: dict):
-        self.own = {conversation: answer.strip() for conversation, answer in own.items()}
+        self.own = {conversation: plain(answer) for conversation, answer in own.items()}
 
     def __call__(self, conversation, answer_a, answer_b):
         own = self.own.get(conversation)
-        return 0.9 if answer_a.strip() == own else 0.1 if answer_b.strip() == own else 0.5
+        return 0.9 if plain(answer_a) == own else 0.1 if plain(answer_b) == own else 0.5
+
+
+def plain(text):
+    """Words joined by single spaces, Unicode-normalised: how the judge's controls write an answer."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
 def coin(conversation, answer_a, answer_b):

@@ -808,7 +808,7 @@ def test_controls_are_judged_in_both_orders_logged_and_not_judged_again_on_resum
     assert all(r["p_a_x_first"] is not None and r["p_b_x_second"] is not None for r in controls)  # both orders asked
     again = Counted(longer_is_better)
     assert judge.evaluate(dataclasses.replace(config, resume=True), judge=again) == results and again.calls == 0
-    assert records[-1]["report"].splitlines()[-1].startswith("Trust: the judge ")
+    assert records[-1]["report"].splitlines()[-1].startswith("Trust: ")
 
 
 def test_every_run_also_measures_the_judge_against_people(checkpoint, tmp_path):
@@ -817,7 +817,7 @@ def test_every_run_also_measures_the_judge_against_people(checkpoint, tmp_path):
     assert results["sanity"].n == config.sanity == 25 and results["sanity"].wins == 25
     *_, people, trust = judge.report(results).splitlines()
     assert people == "Judge agreement with people 100.0% [87%, 100%] on 25 decisive of 25 human-labelled pairs"
-    assert trust.startswith("Trust: the judge fails its controls")  # longer answers are not always right ones
+    assert trust.startswith("Trust: ") and trust.endswith("no evidence either way")  # unchecked, or not reading
     without_controls = {name: result for name, result in results.items() if name not in judge.CONTROLS}
     assert judge.report(without_controls).splitlines()[-1] == (  # --controls 0: people decide, as before
         "Judge agreement with people 100.0% [87%, 100%] on 25 decisive of 25 human-labelled pairs: better than a "
@@ -865,7 +865,7 @@ def test_help_lists_every_knob_with_its_default(capsys):
 # Controls: pairs whose right answer is not in doubt, and the trust line they decide
 # ---------------------------------------------------------------------------------------
 
-words = st.text(alphabet="ab c\n", max_size=40)
+words = st.text(alphabet="ab cA\n\u00a0", max_size=40)
 
 
 @given(st.lists(st.tuples(st.sampled_from(["x", "y", "z", "w"]), words), min_size=1, max_size=12), st.integers(1, 12))
@@ -876,9 +876,10 @@ def test_each_control_pairs_an_answer_with_what_is_wrong_with_it_and_never_with_
     for name, built in items.items():
         assert len(built) <= count and [i for i, *_ in built] == sorted({i for i, *_ in built})
         for i, conversation, right, wrong in built:
-            assert conversation == prompts[i] and right == answers[i].strip() and right and wrong != right
-            if name == "relevance":  # another conversation's answer, never this one's
-                assert wrong in {answers[j].strip() for j in range(len(rows)) if prompts[j] != prompts[i]}
+            assert conversation == prompts[i] and right == judge.plain(answers[i]) and right and wrong != right
+            if name == "relevance":  # another conversation's answer, never this one's, nor one that reads the same
+                assert wrong in {judge.plain(answers[j]) for j in range(len(rows)) if prompts[j] != prompts[i]}
+                assert wrong.casefold() != right.casefold()
             elif name == "shuffled":  # the same words, in another order
                 assert sorted(wrong.split()) == sorted(right.split()) and wrong.split() != right.split()
             elif name == "cut":
@@ -915,6 +916,38 @@ def test_the_trust_line_believes_a_judge_that_reads_and_neither_a_coin_nor_one_p
     assert "position-biased: its two orders agree on 0% of the control pairs" in pulled
     longer = trust_of(longer_is_better, tmp_path)[0].splitlines()  # passes "cut", not what needs reading
     assert "not shown to pick the right answer on relevance, shuffled" in longer[-1] and "no evidence" in longer[-1]
+
+
+def test_a_judge_that_counts_shared_words_and_characters_does_not_pass_nor_one_that_decides_few_pairs(tmp_path):
+    """Found by review: a shuffle that also dropped newlines let a length judge win "shuffled", and
+    a judge that tied nearly every pair passed on its few decisive ones."""
+    import re
+    topics = ["cats", "dogs", "trains", "rivers", "stars", "bread", "chess", "music", "rain", "glass", "bees", "maps"]
+    prompts = [f"Human: tell me about {t} please\n\nAssistant:" for t in topics]
+    answers = [f"Well,  {t} are interesting.\nMany people like {t} because {t} matter a lot to them every day." for t in topics]
+
+    def shared_then_longer(conversation, answer_a, answer_b):
+        def key(answer):
+            return len(set(re.findall(r"\w+", answer.lower())) & set(re.findall(r"\w+", conversation.lower()))), len(answer)
+        return 0.9 if key(answer_a) > key(answer_b) else 0.1 if key(answer_a) < key(answer_b) else 0.5
+
+    def rarely(conversation, answer_a, answer_b):  # a reader that ties all but one pair in six
+        return stand_in_judges.Reader(dict(zip(prompts, answers)))(conversation, answer_a, answer_b) \
+            if prompts.index(conversation) % 6 == 0 else 0.5
+
+    items = judge.control_items(prompts, answers, 12)
+    for judge_function in (shared_then_longer, rarely):
+        log = judge.JudgementLog(str(tmp_path / f"{judge_function.__name__}.jsonl"), {}, resume=False)
+        results = {name: judge.summarise(name, judge.judge_comparison(judge_function, name, rows, log, 0.05, progress=False), 0.05)
+                   for name, rows in items.items()}
+        line = judge.report(results).splitlines()[-1]
+        assert line.startswith("Trust: the judge fails its controls") and "no evidence" in line, (judge_function, line)
+    short = judge.control_items(prompts, ["Fine, thanks."] * 6 + ["Sure, ok."] * 6, 12)  # nothing to cut
+    assert not short["cut"]
+    log = judge.JudgementLog(str(tmp_path / "short.jsonl"), {}, resume=False)
+    results = {name: judge.summarise(name, judge.judge_comparison(longer_is_better, name, rows, log, 0.05, progress=False), 0.05)
+               for name, rows in short.items() if rows}
+    assert judge.report(results).splitlines()[-1].startswith("Trust: no pair of the test split could make the cut control")
 
 
 def test_without_human_pairs_the_report_says_so_and_without_controls_people_decide_as_before(tmp_path):

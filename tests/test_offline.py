@@ -54,7 +54,7 @@ def test_judge_without_the_hub_prints_the_seeds_lines_and_the_judges_agreement(o
     first = next(i for i, line in enumerate(lines) if line.startswith("Number of wins of the base model: "))
     assert lines[first + 1].startswith("Number of wins of the DPO model: ") and lines[first + 2].startswith("Winner: ")
     assert lines[-2].startswith("Judge agreement with people") and "2 human-labelled harmless-base pairs" in lines[-2]
-    assert "GPT-4o 52.5%" in lines[-2] and lines[-1].startswith("Trust: the judge")  # the anchor; the controls decide
+    assert "GPT-4o 52.5%" in lines[-2] and lines[-1].startswith("Trust: ")  # the anchor; the controls decide
 
 
 def test_a_checkpoint_of_the_gguf_model_exports_a_merged_folder_transformers_loads(offline_run, tmp_path, capsys):

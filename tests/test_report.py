@@ -241,7 +241,7 @@ def test_judge_logs_show_side_by_side_with_the_verdicts_and_the_trust_line_judge
     assert len(re.findall(r'data-prompt="\d+"', page)) == 2
     assert page.count("<tr><td>dpo_vs_base</td>") == page.count("<tr><td>dpo_vs_dataset</td>") == 2
     trust = judge.report(results).splitlines()[-1]
-    assert trust.startswith("Trust: the judge") and trust.replace("'", "&#x27;") in page
+    assert trust.startswith("Trust: ") and trust.replace("'", "&#x27;") in page
     assert not any(f"<tr><td>{name}</td>" in page for name in [*judge.CONTROLS, "sanity"])  # the dataset's, not the models'
     assert any(r["kind"] == "judgement" and r["comparison"] in judge.CONTROLS for r in records)
     assert "judge.py's answers are not used for it" in page  # sampled at 0.7, not from the policy itself
